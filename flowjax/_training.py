@@ -1,0 +1,679 @@
+"""Training as the inverse problem of the transport equation (sec. 1, sec. 5 item 7).
+
+Supervised learning looks for a velocity field `v` (and an output function `f`) whose
+characteristics carry the inputs `x_i` to states from which `f` reads the labels:
+`f(Phi_{0 -> T}(x_i)) ~ y_i` (eq. 3-6). `fit` solves that inverse problem by
+gradient descent with any optax transformation, on mini-batches, with optional
+regularizers that the flow view suggests (kinetic energy of the transport,
+smoothness of the parameters in time), and with pickle-free checkpoints that
+resume bit for bit.
+"""
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import pathlib
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple, get_args
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
+
+
+Task = Literal["classification", "regression"]
+_TASKS: tuple[str, ...] = get_args(Task)
+
+_MAGIC = b"FLOWJAX-CHECKPOINT\n"
+_FORMAT_VERSION = 1
+
+_NAN_ADVICE = (
+    "Try a smaller learning rate, float64 (jax.config.update('jax_enable_x64', "
+    "True) with float64 data and model), gradient clipping "
+    "(optax.clip_by_global_norm), or a stronger kinetic regularization."
+)
+
+
+# Losses and metrics
+
+
+def softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> Array:
+    """Mean softmax cross-entropy of `logits` (B, C) against integer `labels` (B,).
+
+    The output function `f` of a classifier is the softmax of a linear readout
+    (sec. 1, "f is the output function"); this is its negative log-likelihood.
+    """
+    logits = jnp.asarray(logits)
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.asarray(labels)
+    )
+    return jnp.mean(losses)
+
+
+def mean_squared_error(predictions: ArrayLike, targets: ArrayLike) -> Array:
+    """Mean over the batch of the squared Euclidean error, `mean_i |p_i - y_i|^2`.
+
+    `predictions` and `targets` have shape (B,) or (B, k).
+    """
+    predictions, targets = jnp.asarray(predictions), jnp.asarray(targets)
+    squared = jnp.square(predictions - targets.astype(predictions.dtype))
+    return jnp.mean(jnp.reshape(squared, (squared.shape[0], -1)).sum(axis=1))
+
+
+def accuracy(logits: ArrayLike, labels: ArrayLike) -> Array:
+    """Fraction of rows of `logits` (B, C) whose arg-max is the label (B,)."""
+    predicted = jnp.argmax(jnp.asarray(logits), axis=-1)
+    return jnp.mean((predicted == jnp.asarray(labels)).astype(jnp.float32))
+
+
+# Data validation
+
+
+class _Data(NamedTuple):
+    X: Array
+    y: Array
+
+
+def _model_dtype(model: PyTree) -> Any:
+    leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    if not leaves:
+        return jnp.result_type(float)
+    return jnp.result_type(*leaves)
+
+
+def _first_nonfinite(array: np.ndarray) -> str:
+    bad = np.argwhere(~np.isfinite(array))
+    count = len(bad)
+    names = ("row", "column")[: array.ndim]
+    where = ", ".join(
+        f"{name} {int(i)}" for name, i in zip(names, bad[0], strict=False)
+    )
+    return f"{count} non-finite value(s) (NaN or inf), the first at {where}"
+
+
+def _check_features(X: Any) -> np.ndarray:
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(
+            f"the inputs X must have shape (num_examples, d), got shape {X.shape}."
+        )
+    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(
+        X.dtype, np.complexfloating
+    ):
+        raise TypeError(f"the inputs X must be real numbers, got dtype {X.dtype}.")
+    if not np.all(np.isfinite(X)):
+        raise ValueError(f"the inputs X contain {_first_nonfinite(X)}.")
+    return X
+
+
+def _check_labels(y: np.ndarray, num_classes: int) -> np.ndarray:
+    if y.ndim != 1:
+        raise ValueError(
+            f"class labels must have shape (num_examples,), got shape {y.shape}."
+        )
+    if np.issubdtype(y.dtype, np.floating):
+        if not np.all(np.isfinite(y)):
+            raise ValueError(f"the labels y contain {_first_nonfinite(y)}.")
+        fractional = np.flatnonzero(y != np.round(y))
+        if fractional.size:
+            i = int(fractional[0])
+            raise ValueError(
+                f"class labels must be integers; label {y[i]} at row {i} is not."
+            )
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"class labels must be integers, got dtype {y.dtype}.")
+    outside = np.flatnonzero((y < 0) | (y >= num_classes))
+    if outside.size:
+        i = int(outside[0])
+        raise ValueError(
+            f"label {y[i]} at row {i} is outside the allowed range "
+            f"0..{num_classes - 1} (the model has {num_classes} outputs, one per "
+            f"class); {outside.size} label(s) are out of range."
+        )
+    return y.astype(np.int32)
+
+
+def _check_targets(y: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+    if out_shape == (1,) and y.ndim == 1:
+        y = y[:, None]  # one target a row
+    if y.shape[1:] != out_shape:
+        raise ValueError(
+            f"regression targets must have shape (num_examples, *{out_shape}) to match "
+            f"the model's output, got shape {y.shape}."
+        )
+    if not np.all(np.isfinite(y)):
+        raise ValueError(f"the targets y contain {_first_nonfinite(y)}.")
+    return y
+
+
+def _output_shape(model: Callable, X: np.ndarray, dtype: Any) -> tuple[int, ...]:
+    example = jax.ShapeDtypeStruct(X.shape[1:], dtype)
+    return tuple(eqx.filter_eval_shape(model, example).shape)
+
+
+def _check_data(model: Callable, data: Any, task: Task) -> _Data:
+    """Validate `(X, y)` against the model and the task; cast X to the model dtype."""
+    if not isinstance(data, tuple | list) or len(data) != 2:
+        raise TypeError(
+            f"data must be a pair (X, y) of arrays, got {type(data).__name__}."
+        )
+    X, y = _check_features(data[0]), np.asarray(data[1])
+    if y.shape[:1] != X.shape[:1]:
+        raise ValueError(
+            f"X and y must have the same number of examples, got X of shape {X.shape} "
+            f"and y of shape {y.shape}."
+        )
+    dtype = _model_dtype(model)
+    out_shape = _output_shape(model, X, dtype)
+    if task == "classification":
+        if len(out_shape) != 1:
+            raise ValueError(
+                f"a classifier must output one logit per class (shape (C,)), "
+                f"this model outputs shape {out_shape}."
+            )
+        y = _check_labels(y, out_shape[0])
+    else:
+        y = _check_targets(y, out_shape).astype(dtype)
+    return _Data(jnp.asarray(X, dtype=dtype), jnp.asarray(y))
+
+
+def _check_optimizer(optimizer: Any) -> optax.GradientTransformation:
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    hint = ""
+    if callable(optimizer):
+        name = getattr(optimizer, "__name__", repr(optimizer))
+        hint = f" (got the function {name!r}; call it, e.g. optax.adam(1e-3))"
+    raise TypeError(
+        f"optimizer must be an optax.GradientTransformation such as "
+        f"optax.adam(1e-3), got {type(optimizer).__name__}{hint}."
+    )
+
+
+def _trainable_spec(model: Any) -> Any:
+    """The model's own `trainable_spec()` if it has one, else every float array."""
+    method = getattr(model, "trainable_spec", None)
+    return eqx.is_inexact_array if method is None else method()
+
+
+def _task_of(model: Any, task: Task | None) -> Task:
+    task = getattr(model, "task", None) if task is None else task
+    if task is None:
+        raise TypeError(
+            f"cannot tell the task of a {type(model).__name__}: pass "
+            f"task='classification' or task='regression'."
+        )
+    if task not in _TASKS:
+        raise ValueError(f"task must be one of {_TASKS}, got {task!r}.")
+    return task
+
+
+# The objective
+
+
+@dataclasses.dataclass(frozen=True)
+class _Objective:
+    """Data loss plus the optional regularizers, on one batch."""
+
+    task: Task
+    kinetic: float
+    smoothness: float
+
+    def __call__(self, model: Any, x: Array, y: Array) -> tuple[Array, dict]:
+        if self.kinetic:
+            outputs, energy = jax.vmap(_forward_with_energy(model))(x)
+        else:
+            outputs, energy = jax.vmap(model)(x), None
+        metrics = {}
+        if self.task == "classification":
+            data_loss = softmax_cross_entropy(outputs, y)
+            metrics["accuracy"] = accuracy(outputs, y)
+        else:
+            data_loss = mean_squared_error(outputs, y)
+        loss = data_loss
+        metrics["data_loss"] = data_loss
+        if energy is not None:
+            metrics["kinetic"] = jnp.mean(energy)
+            loss = loss + self.kinetic * metrics["kinetic"]
+        if self.smoothness:
+            metrics["smoothness"] = _smoothness(model)
+            loss = loss + self.smoothness * metrics["smoothness"]
+        metrics["loss"] = loss
+        return loss, metrics
+
+
+def _forward_with_energy(model: Any) -> Callable:
+    method = getattr(model, "forward_with_energy", None)
+    if method is None:
+        raise TypeError(
+            f"kinetic regularization needs a flow model with a `forward_with_energy` "
+            f"method (such as flowjax.FlowNet); {type(model).__name__} has none."
+        )
+    return method
+
+
+def _smoothness(model: Any) -> Array:
+    method = getattr(model, "time_smoothness", None)
+    if method is None:
+        raise TypeError(
+            f"smoothness regularization needs a flow model with parameters on a time "
+            f"grid (a `time_smoothness` method, such as flowjax.FlowNet); "
+            f"{type(model).__name__} has none."
+        )
+    return method()
+
+
+# Checkpoints
+
+
+def _key_data(key: PRNGKeyArray) -> list[int]:
+    key = jnp.asarray(key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jr.key_data(key)
+    return np.asarray(key).ravel().tolist()
+
+
+def save_checkpoint(
+    path: str | os.PathLike, state: PyTree, header: Mapping[str, Any]
+) -> None:
+    """Write `state` (any PyTree of arrays) and a JSON `header` to `path`, atomically.
+
+    The file is a magic line, one line of JSON (the header plus the payload's
+    length and SHA-256), then the payload: `eqx.tree_serialise_leaves`'s bytes; no
+    pickle. It is written to a temporary file in the same directory, flushed to
+    disk and moved over `path` with `os.replace`, so an interrupted save leaves
+    the previous checkpoint intact.
+    """
+    path = pathlib.Path(path)
+    payload = io.BytesIO()
+    eqx.tree_serialise_leaves(payload, state)
+    data = payload.getvalue()
+    meta = {
+        "format": _FORMAT_VERSION,
+        "payload_bytes": len(data),
+        "payload_sha256": hashlib.sha256(data).hexdigest(),
+    }
+    head = _MAGIC + json.dumps({**header, **meta}).encode() + b"\n"
+    _write_atomic(path, head + data)
+
+
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+    descriptor, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, dict]:
+    """Read a checkpoint written by `save_checkpoint`.
+
+    `like` is a PyTree with the structure, shapes and dtypes of the saved state
+    (for example a freshly initialised model and optimizer state).
+
+    **Returns:** `(state, header)`.
+
+    **Raises:** `ValueError` if the file is not a checkpoint, has another format
+    version, or its payload is truncated or altered (length or SHA-256 differ).
+    """
+    name = os.fspath(path)
+    with open(path, "rb") as f:
+        if f.readline() != _MAGIC:
+            raise ValueError(f"{name!r} is not a flowjax checkpoint.")
+        try:
+            header = json.loads(f.readline())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name!r} has a damaged header: {error}.") from None
+        data = f.read()
+    if header.get("format") != _FORMAT_VERSION:
+        raise ValueError(
+            f"{name!r} has checkpoint format {header.get('format')}, this version "
+            f"reads format {_FORMAT_VERSION}."
+        )
+    if len(data) != header.get("payload_bytes") or hashlib.sha256(
+        data
+    ).hexdigest() != header.get("payload_sha256"):
+        raise ValueError(
+            f"{name!r} is damaged: its payload does not match the length and "
+            f"SHA-256 recorded in its header (truncated or altered file)."
+        )
+    state = eqx.tree_deserialise_leaves(io.BytesIO(data), like)
+    return state, header
+
+
+# The training loop
+
+
+@dataclasses.dataclass
+class History:
+    """Metrics recorded during `fit`.
+
+    **Fields:**
+
+    - `steps`: per optimizer step, lists keyed by metric (`loss`, `data_loss`, and
+      `accuracy`, `kinetic`, `smoothness` where they apply), all measured on the
+      step's mini-batch before the update.
+    - `epochs`: per complete epoch, the mean of each step metric over it, and
+      `time`, the wall time of the epoch in seconds (the first epoch includes
+      compilation; after a resume, the time since the resume).
+    """
+
+    steps: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    epochs: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def _append(self, table: dict[str, list[float]], metrics: Mapping[str, float]):
+        for name, value in metrics.items():
+            table.setdefault(name, []).append(float(value))
+
+    def _close_epoch(self, steps_in_epoch: int, seconds: float) -> None:
+        means = {
+            name: float(np.mean(values[-steps_in_epoch:]))
+            for name, values in self.steps.items()
+        }
+        self._append(self.epochs, {**means, "time": seconds})
+
+    def to_json(self) -> dict:
+        return {"steps": self.steps, "epochs": self.epochs}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "History":
+        return cls(dict(data["steps"]), dict(data["epochs"]))
+
+
+class FitResult(NamedTuple):
+    """What `fit` returns: unpack as `model, opt_state, history = fit(...)`."""
+
+    model: Any
+    opt_state: optax.OptState
+    history: History
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss or its gradient became non-finite during `fit`.
+
+    **Attributes:** `step` (the failing step, counted from 0), `model` and
+    `opt_state` (the last ones whose loss and gradient were finite: the state that
+    entered the step before the failing one, or the initial state if step 0
+    failed), and `history` (the metrics up to the failure).
+    """
+
+    def __init__(self, message: str, *, step: int, model, opt_state, history):
+        super().__init__(message)
+        self.step = step
+        self.model = model
+        self.opt_state = opt_state
+        self.history = history
+
+
+def _make_step(
+    static: PyTree, optimizer: optax.GradientTransformation, objective: _Objective
+) -> Callable:
+    """One jit-compiled optimizer step on the batch `perm[b*B:(b+1)*B]` of `(X, y)`."""
+
+    def loss(params, x, y):
+        return objective(eqx.combine(params, static), x, y)
+
+    def step(params, opt_state, data: _Data, perm, start, batch_size: int):
+        index = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
+        x, y = data.X[index], data.y[index]
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        leaves = jax.tree.leaves(grads) + [metrics["loss"]]
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
+        return params, opt_state, metrics, finite
+
+    return jax.jit(step, static_argnums=5)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What must match between a checkpoint and the run that resumes from it."""
+
+    key_data: list[int]
+    batch_size: int
+    num_examples: int
+    task: str
+
+    def header(self, step: int, history: History) -> dict:
+        return {**dataclasses.asdict(self), "step": step, "history": history.to_json()}
+
+    def check(self, header: Mapping[str, Any], path: str | os.PathLike) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if header.get(name) != value:
+                raise ValueError(
+                    f"cannot resume from {os.fspath(path)!r}: it was written with "
+                    f"{name}={header.get(name)!r}, this run has {name}={value!r}; "
+                    f"resume with the same settings or delete the checkpoint."
+                )
+
+
+class _Saver(NamedTuple):
+    path: str | os.PathLike | None
+    every: int | None
+    run: _Run
+
+    def maybe_save(self, step, total, params, opt_state, history) -> None:
+        if self.path is None:
+            return
+        if step == total or (self.every is not None and step % self.every == 0):
+            header = self.run.header(step, history)
+            save_checkpoint(self.path, (params, opt_state), header)
+
+
+def _steps_per_epoch(batch_size: int, num_examples: int) -> int:
+    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if batch_size > num_examples:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the data ({num_examples} "
+            f"examples); use batch_size <= {num_examples}."
+        )
+    return num_examples // int(batch_size)
+
+
+def _total_steps(steps: int | None, epochs: int | None, steps_per_epoch: int) -> int:
+    if (steps is None) == (epochs is None):
+        raise ValueError(
+            f"give exactly one of steps and epochs, got steps={steps}, epochs={epochs}."
+        )
+    total = steps if steps is not None else epochs * steps_per_epoch  # type: ignore
+    if total < 0:
+        raise ValueError(f"the number of steps must be >= 0, got {total}.")
+    return int(total)
+
+
+def _epoch_permutation(key: PRNGKeyArray, epoch: int, num_examples: int) -> Array:
+    """The order of the examples in `epoch`: a permutation drawn from `(key, epoch)`."""
+    return jr.permutation(jr.fold_in(key, epoch), num_examples)
+
+
+_permutation = jax.jit(_epoch_permutation, static_argnums=2)
+
+
+def _resume(path, params, opt_state, run: _Run):
+    (params, opt_state), header = load_checkpoint(path, (params, opt_state))
+    run.check(header, path)
+    return params, opt_state, int(header["step"]), History.from_json(header["history"])
+
+
+def _diverged(step, metrics, good, static, history) -> TrainingDivergedError:
+    params, opt_state = good
+    loss = metrics["loss"]
+    what = "loss" if not math.isfinite(loss) else "gradient"
+    message = (
+        f"the training {what} became non-finite at step {step} (loss {loss}); "
+        f"training stopped. The last model and optimizer state with a finite loss "
+        f"and gradient are attached to this error as .model and .opt_state. "
+        f"{_NAN_ADVICE}"
+    )
+    model = eqx.combine(params, static)
+    return TrainingDivergedError(
+        message, step=step, model=model, opt_state=opt_state, history=history
+    )
+
+
+def _train_loop(step_fn, data, key, start, total, state, static, history, hooks):
+    """Run steps `start..total-1`; returns the final `(params, opt_state)`."""
+    params, opt_state = state
+    steps_per_epoch, callback, saver = hooks
+    batch_size = saver.run.batch_size
+    good, perm, clock = state, None, time.perf_counter()
+    for step in range(start, total):
+        epoch, batch = divmod(step, steps_per_epoch)
+        if perm is None or batch == 0:
+            perm = _permutation(key, epoch, data.X.shape[0])
+        out = step_fn(params, opt_state, data, perm, batch * batch_size, batch_size)
+        metrics, finite = jax.device_get((out[2], out[3]))
+        metrics = {name: float(value) for name, value in metrics.items()}
+        if not finite:
+            raise _diverged(step, metrics, good, static, history)
+        good, (params, opt_state) = (params, opt_state), out[:2]
+        history._append(history.steps, metrics)
+        if batch + 1 == steps_per_epoch:
+            history._close_epoch(steps_per_epoch, time.perf_counter() - clock)
+            clock = time.perf_counter()
+        if callback is not None:
+            callback(step + 1, metrics)
+        saver.maybe_save(step + 1, total, params, opt_state, history)
+    return params, opt_state
+
+
+def fit(
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    data: tuple[ArrayLike, ArrayLike],
+    *,
+    batch_size: int,
+    key: PRNGKeyArray,
+    steps: int | None = None,
+    epochs: int | None = None,
+    task: Task | None = None,
+    kinetic: float = 0.0,
+    smoothness: float = 0.0,
+    callback: Callable[[int, dict[str, float]], Any] | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+) -> FitResult:
+    """Fit `model` to `data = (X, y)`: the inverse problem of the transport equation.
+
+    Minimizes, over the model's floating-point arrays,
+
+    `loss = data_loss + kinetic * KE + smoothness * S`
+
+    with `data_loss` the softmax cross-entropy (classification; `y` integer labels
+    `0..C-1`, the model outputs `C` logits) or the mean squared error (regression),
+    `KE = mean_i sum_k dt_k |v_k(x_i)|^2` the kinetic energy of the transport and
+    `S = sum_l |theta_{l+1} - theta_l|^2` the smoothness of the parameters along time
+    (eq. 14-17: adjacent blocks differ by O(dt) for a smooth field).
+
+    One epoch visits the examples in the order of a permutation drawn from
+    `fold_in(key, epoch)`, in `len(X) // batch_size` mini-batches (the remainder is
+    left out of that epoch). The step is compiled once and run as often as needed;
+    the run is deterministic for a given key.
+
+    **Arguments:**
+
+    - `model`: an Equinox module mapping one input of shape `(d,)` to its output,
+      e.g. a `flowjax.FlowNet`; any `eqx.nn.MLP` works with `task` given.
+    - `optimizer`: any `optax.GradientTransformation`.
+    - `data`: `(X, y)`, `X` of shape `(N, d)`; `y` of shape `(N,)` (labels) or the
+      model's output shape with a leading `N` (targets).
+    - `batch_size`: examples per step, `1 <= batch_size <= N`.
+    - `key`: the seed of the batch order.
+    - `steps` or `epochs`: how long to train (exactly one; with `resume`, the total
+      including the steps already taken).
+    - `task`: `'classification'` or `'regression'`; defaults to `model.task`.
+    - `kinetic`, `smoothness`: regularization weights (0 switches a term off; both
+      need a flow model such as `flowjax.FlowNet`).
+    - `callback`: called as `callback(step, metrics)` after every step, with `step`
+      the number of steps done so far and `metrics` a dict of floats.
+    - `checkpoint_path`: where to save model, optimizer state, step, key and
+      history (see `save_checkpoint`); saved every `checkpoint_every` steps (if
+      given) and at the end.
+    - `resume`: continue from `checkpoint_path` if the file exists (otherwise start
+      afresh). The result is bit-identical to an uninterrupted run.
+
+    **Returns:** a `FitResult` `(model, opt_state, history)`.
+
+    **Raises:** `TypeError` for an optimizer that is not an optax transformation;
+    `ValueError` for bad data (labels outside `0..C-1`, NaN, shapes) or a batch
+    larger than the data; `TrainingDivergedError` when the loss or gradient turns
+    non-finite, carrying the last good model and optimizer state.
+    """
+    optimizer = _check_optimizer(optimizer)
+    task = _task_of(model, task)
+    checked = _check_data(model, data, task)
+    num_examples = int(checked.X.shape[0])
+    steps_per_epoch = _steps_per_epoch(batch_size, num_examples)
+    total = _total_steps(steps, epochs, steps_per_epoch)
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}.")
+
+    params, static = eqx.partition(model, _trainable_spec(model))
+    opt_state = optimizer.init(params)
+    run = _Run(
+        key_data=_key_data(key),
+        batch_size=batch_size,
+        num_examples=num_examples,
+        task=task,
+    )
+    start, history = 0, History()
+    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
+        params, opt_state, start, history = _resume(
+            checkpoint_path, params, opt_state, run
+        )
+
+    step_fn = _make_step(static, optimizer, _Objective(task, kinetic, smoothness))
+    hooks = (steps_per_epoch, callback, _Saver(checkpoint_path, checkpoint_every, run))
+    params, opt_state = _train_loop(
+        step_fn, checked, key, start, total, (params, opt_state), static, history, hooks
+    )
+    return FitResult(eqx.combine(params, static), opt_state, history)
+
+
+def evaluate(
+    model: Any,
+    data: tuple[ArrayLike, ArrayLike],
+    *,
+    task: Task | None = None,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """The data loss (and accuracy, for classification) of `model` on `(X, y)`.
+
+    Checks the data as `fit` does. With `batch_size`, evaluates in chunks of that
+    many examples (to bound memory); the result is the mean over all examples.
+    """
+    task = _task_of(model, task)
+    checked = _check_data(model, data, task)
+    num = int(checked.X.shape[0])
+    size = (
+        num if batch_size is None else _steps_per_epoch(batch_size, num) and batch_size
+    )
+    objective = eqx.filter_jit(_Objective(task, 0.0, 0.0))
+    totals: dict[str, float] = {}
+    for begin in range(0, num, size):
+        x, y = checked.X[begin : begin + size], checked.y[begin : begin + size]
+        _, metrics = objective(model, x, y)
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + float(value) * len(x)
+    totals.pop("loss")
+    return {name: value / num for name, value in totals.items()}

@@ -1,0 +1,677 @@
+"""Training as the inverse problem of the transport equation (sec. 1, sec. 5 item 7)."""
+
+import os
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+from scipy.linalg import expm
+from sklearn.datasets import load_digits, make_circles, make_moons
+from sklearn.model_selection import train_test_split
+
+from flowjax._classifier import FlowCoordinateMLP, FlowNet
+from flowjax._training import (
+    TrainingDivergedError,
+    evaluate,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+    softmax_cross_entropy,
+)
+from flowjax._transport import Integrator
+
+
+def _split(X, y, dtype=np.float32):
+    Xtr, Xte, ytr, yte = train_test_split(
+        X.astype(dtype), y, test_size=0.5, random_state=0, stratify=y
+    )
+    return (Xtr, ytr), (Xte, yte)
+
+
+def _moons(num=2000):
+    return _split(*make_moons(num, noise=0.1, random_state=0))
+
+
+def _circles(num=2000):
+    return _split(*make_circles(num, factor=0.5, noise=0.05, random_state=0))
+
+
+def _small_net(**kwargs):
+    options = dict(n=3, hidden=16, num_blocks=8, key=jr.key(0), T=2.0)
+    options.update(kwargs)
+    return FlowNet.init(2, 2, dtype=jnp.float32, **options)
+
+
+def _leaves_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(la, lb, strict=True)
+    )
+
+
+# 1. Accuracy on standard data sets
+
+
+@pytest.mark.parametrize("make", [_moons, _circles], ids=["moons", "circles"])
+def test_flow_classifier_on_two_dimensional_data(make):
+    train, test = make()
+    result = fit(
+        _small_net(), optax.adam(1e-2), train, batch_size=100, epochs=30, key=jr.key(1)
+    )
+    metrics = evaluate(result.model, test)
+    epoch_time = np.median(result.history.epochs["time"][1:])
+    print(f"test accuracy {metrics['accuracy']:.4f}, {epoch_time * 1e3:.1f} ms/epoch")
+    assert metrics["accuracy"] >= 0.99
+    assert jax.vmap(result.model)(jnp.asarray(test[0])).dtype == jnp.float32
+    assert len(result.history.epochs["time"]) == 30
+
+
+def test_flow_classifier_on_digits():
+    X, y = load_digits(return_X_y=True)
+    (Xtr, ytr), (Xte, yte) = _split(X / 16.0, y)
+    net = FlowNet.init(
+        64, 10, n=64, hidden=64, num_blocks=4, key=jr.key(0), dtype=jnp.float32
+    )
+    result = fit(
+        net, optax.adam(3e-3), (Xtr, ytr), batch_size=64, epochs=30, key=jr.key(1)
+    )
+    metrics = evaluate(result.model, (Xte, yte))
+    epoch_time = np.median(result.history.epochs["time"][1:])
+    print(f"test accuracy {metrics['accuracy']:.4f}, {epoch_time * 1e3:.1f} ms/epoch")
+    assert metrics["accuracy"] >= 0.95
+
+
+# The forward map and the regularizers against NumPy loops
+
+
+def _numpy_euler(net: FlowNet, x: np.ndarray):
+    """Eq. 14-17 by hand: states, and sum_k dt_k |v_k|^2."""
+    p = jax.tree.map(np.asarray, net.grid.params)
+    ts = np.asarray(net.grid.ts)
+    y = np.zeros(net.n)
+    y[: x.shape[0]] = x
+    energy = 0.0
+    for k in range(len(ts) - 1):
+        v = p.W2[k] @ np.tanh(p.W1[k] @ y + p.b1[k]) + p.b2[k]
+        energy += (ts[k + 1] - ts[k]) * v @ v
+        y = y + (ts[k + 1] - ts[k]) * v
+    return np.asarray(net.W_out) @ y + np.asarray(net.b_out), energy
+
+
+def test_euler_path_is_the_resnet_and_its_kinetic_energy(rng):
+    net = FlowNet.init(3, 2, n=5, hidden=7, num_blocks=6, key=jr.key(3), scale=1.0)
+    x = rng.normal(size=3)
+    out, energy = net.forward_with_energy(jnp.asarray(x))
+    expected_out, expected_energy = _numpy_euler(net, x)
+    np.testing.assert_allclose(out, expected_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(net(jnp.asarray(x)), expected_out, rtol=1e-12)
+    np.testing.assert_allclose(energy, expected_energy, rtol=1e-12)
+
+
+def test_adaptive_kinetic_energy_is_the_limit_of_euler(rng):
+    net = FlowNet.init(
+        2, 2, n=3, hidden=5, num_blocks=3, key=jr.key(4), interpolation="linear"
+    )
+    x = jnp.asarray(rng.normal(size=2))
+    tight = Integrator(
+        stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-12)
+    )
+    out, energy = net.replace(method="adaptive", integrator=tight).forward_with_energy(
+        x
+    )
+    errors = []
+    for K in (64, 128):
+        out_K, energy_K = net.replace(num_steps=K).forward_with_energy(x)
+        errors.append(abs(float(energy_K - energy)) / float(energy))
+    print("relative energy error at K = 64, 128:", errors)
+    assert errors[1] < 0.6 * errors[0] and errors[1] < 1e-2
+
+
+def test_time_smoothness_is_the_sum_of_squared_block_differences():
+    net = FlowNet.init(2, 2, n=3, hidden=4, num_blocks=5, key=jr.key(5))
+    expected = sum(
+        np.sum(np.diff(np.asarray(a), axis=0) ** 2)
+        for a in jax.tree.leaves(net.grid.params)
+    )
+    np.testing.assert_allclose(net.time_smoothness(), expected, rtol=1e-12)
+
+
+def test_regularizers_lower_what_they_measure():
+    (X, y), _ = _moons(400)
+    common = dict(batch_size=100, steps=200, key=jr.key(1))
+    plain = fit(_small_net(), optax.adam(1e-2), (X, y), **common).model
+    regular = fit(
+        _small_net(), optax.adam(1e-2), (X, y), kinetic=0.01, smoothness=0.01, **common
+    ).model
+    x = jnp.asarray(X)
+    energy = [jnp.mean(jax.vmap(m.forward_with_energy)(x)[1]) for m in (plain, regular)]
+    smooth = [m.time_smoothness() for m in (plain, regular)]
+    print("kinetic energy", energy, "smoothness", smooth)
+    assert energy[1] < 0.25 * energy[0]  # measured: 2.2 against 17.9
+    assert smooth[1] < 0.1 * smooth[0]  # measured: 7.9 against 531
+    assert evaluate(regular, (X, y))["accuracy"] > 0.99
+
+
+# 2. Discretize-then-optimize against optimize-then-discretize
+
+
+def _tight(adjoint=None) -> Integrator:
+    pid = diffrax.PIDController(rtol=1e-10, atol=1e-10)
+    if adjoint is None:
+        return Integrator(stepsize_controller=pid)
+    return Integrator(stepsize_controller=pid, adjoint=adjoint)
+
+
+@pytest.fixture(scope="module")
+def gradient_problem():
+    net = FlowNet.init(
+        2,
+        2,
+        n=3,
+        hidden=8,
+        num_blocks=4,
+        key=jr.key(0),
+        interpolation="linear",
+        scale=1.0,
+    )
+    X = jr.normal(jr.key(2), (16, 2))
+    y = (X[:, 0] * X[:, 1] > 0).astype(jnp.int32)
+
+    @eqx.filter_jit
+    def gradient(model):
+        def loss(m):
+            return softmax_cross_entropy(jax.vmap(m)(X), y)
+
+        grads = eqx.filter_grad(loss)(model)
+        grads = eqx.filter(grads, model.trainable_spec())
+        return jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+
+    reference = gradient(net.replace(method="adaptive", integrator=_tight()))
+    return net, gradient, reference
+
+
+def test_discretize_gradient_converges_to_adaptive_like_one_over_k(gradient_problem):
+    net, gradient, reference = gradient_problem
+    steps = np.array([8, 16, 32, 64])
+    errors = np.array(
+        [
+            float(jnp.linalg.norm(gradient(net.replace(num_steps=int(K))) - reference))
+            / float(jnp.linalg.norm(reference))
+            for K in steps
+        ]
+    )
+    slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    print(
+        "relative gradient difference",
+        dict(zip(steps.tolist(), errors, strict=True)),
+        slope,
+    )
+    assert np.all(np.diff(errors) < 0)
+    assert -1.2 < slope < -0.8
+    assert errors[-1] < 0.05
+
+
+def test_backsolve_and_recursive_checkpoint_adjoints_agree(gradient_problem):
+    net, gradient, reference = gradient_problem
+    backsolve = diffrax.BacksolveAdjoint(
+        stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-10)
+    )
+    grads = gradient(net.replace(method="adaptive", integrator=_tight(backsolve)))
+    difference = float(jnp.linalg.norm(grads - reference) / jnp.linalg.norm(reference))
+    print("backsolve vs recursive checkpoint:", difference)
+    assert difference < 1e-7
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "adjoint",
+    [
+        diffrax.RecursiveCheckpointAdjoint(),
+        diffrax.BacksolveAdjoint(
+            stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-5)
+        ),
+    ],
+    ids=["recursive", "backsolve"],
+)
+def test_fit_on_the_adaptive_path(adjoint):
+    (X, y), test = _moons(512)
+    integrator = Integrator(
+        stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-5),
+        adjoint=adjoint,
+        max_steps=256,
+    )
+    net = _small_net(
+        num_blocks=4, method="adaptive", integrator=integrator, interpolation="linear"
+    )
+    result = fit(
+        net,
+        optax.adam(1e-2),
+        (X, y),
+        batch_size=64,
+        steps=100,
+        key=jr.key(1),
+        kinetic=0.01,
+    )
+    print("epoch times", result.history.epochs["time"])
+    assert evaluate(result.model, test)["accuracy"] > 0.97
+
+
+# 3. A known transport is recovered
+
+
+def test_rotation_transport_is_recovered(rng):
+    A = np.array([[0.0, -1.0], [1.0, 0.0]])  # v(x) = A x turns by 1 rad in time 1
+    R = expm(A)
+    X_train = rng.uniform(-1, 1, size=(512, 2))
+    X_test = rng.uniform(-1, 1, size=(1000, 2))
+    net = FlowNet.init(
+        2,
+        2,
+        n=2,
+        hidden=32,
+        num_blocks=8,
+        key=jr.key(0),
+        task="regression",
+        readout="project",
+        interpolation="linear",
+    )
+    steps = 2000
+    optimizer = optax.adam(optax.cosine_decay_schedule(1e-2, steps))
+    result = fit(
+        net,
+        optimizer,
+        (X_train, X_train @ R.T),
+        batch_size=128,
+        steps=steps,
+        key=jr.key(1),
+    )
+    flow_map = jax.vmap(result.model.transport)(jnp.asarray(X_test))
+    error = np.max(np.linalg.norm(np.asarray(flow_map) - X_test @ R.T, axis=1))
+    print(f"max error of the learned flow map on held-out points: {error:.2e}")
+    assert error < 3e-2
+
+
+# 4. Checkpoints and resume
+
+
+def test_resume_is_bit_identical(tmp_path):
+    (X, y), _ = _moons(300)  # 150 examples: 4 steps an epoch at batch 32
+    net = _small_net(num_blocks=4)
+    optimizer = optax.adamw(1e-2)
+    options = dict(batch_size=32, key=jr.key(7), kinetic=0.01, smoothness=0.1)
+    full = fit(net, optimizer, (X, y), steps=11, **options)
+
+    path = tmp_path / "run.ckpt"
+    first = fit(net, optimizer, (X, y), steps=6, checkpoint_path=path, **options)
+    assert not _leaves_equal(first.model, full.model)
+    resumed = fit(
+        net, optimizer, (X, y), steps=11, checkpoint_path=path, resume=True, **options
+    )
+    assert _leaves_equal(resumed.model, full.model)
+    assert _leaves_equal(resumed.opt_state, full.opt_state)
+    assert resumed.history.steps == full.history.steps
+    assert resumed.history.epochs["loss"] == full.history.epochs["loss"]
+
+
+def test_checkpoint_every_and_resume_past_the_end(tmp_path):
+    (X, y), _ = _moons(300)
+    path = tmp_path / "run.ckpt"
+    saved = []
+    options = dict(batch_size=50, key=jr.key(0), checkpoint_path=path)
+    result = fit(
+        _small_net(),
+        optax.sgd(1e-2),
+        (X, y),
+        steps=6,
+        checkpoint_every=4,
+        callback=lambda step, _: saved.append((step, os.path.exists(path))),
+        **options,
+    )
+    assert saved[3] == (4, False)  # the callback runs before the save of step 4
+    assert saved[4] == (5, True)
+    again = fit(_small_net(), optax.sgd(1e-2), (X, y), steps=6, resume=True, **options)
+    assert _leaves_equal(again.model, result.model)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    (X, y), _ = _moons(300)
+    path = tmp_path / "run.ckpt"
+    fit(
+        _small_net(),
+        optax.sgd(1e-2),
+        (X, y),
+        batch_size=50,
+        steps=2,
+        key=jr.key(0),
+        checkpoint_path=path,
+    )
+    with pytest.raises(ValueError, match="batch_size=50, this run has batch_size=30"):
+        fit(
+            _small_net(),
+            optax.sgd(1e-2),
+            (X, y),
+            batch_size=30,
+            steps=4,
+            key=jr.key(0),
+            checkpoint_path=path,
+            resume=True,
+        )
+    with pytest.raises(ValueError, match="key_data"):
+        fit(
+            _small_net(),
+            optax.sgd(1e-2),
+            (X, y),
+            batch_size=50,
+            steps=4,
+            key=jr.key(1),
+            checkpoint_path=path,
+            resume=True,
+        )
+
+
+def test_interrupted_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "state.ckpt"
+    old = {"w": jnp.arange(3.0)}
+    save_checkpoint(path, old, {"step": 1})
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"w": jnp.zeros(3)}, {"step": 2})
+    monkeypatch.undo()
+    state, header = load_checkpoint(path, old)
+    assert header["step"] == 1 and _leaves_equal(state, old)
+    assert os.listdir(tmp_path) == ["state.ckpt"]
+
+
+def test_damaged_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "state.ckpt"
+    save_checkpoint(path, {"w": jnp.arange(3.0)}, {"step": 1})
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])
+    with pytest.raises(ValueError, match="damaged"):
+        load_checkpoint(path, {"w": jnp.arange(3.0)})
+    path.write_bytes(b"not a checkpoint\n")
+    with pytest.raises(ValueError, match="not a flowjax checkpoint"):
+        load_checkpoint(path, {"w": jnp.arange(3.0)})
+
+
+# The loop: compiled once, deterministic, reports progress
+
+
+_TRACES: list[int] = []
+
+
+class _CountingModel(eqx.Module):
+    linear: eqx.nn.Linear
+
+    def __call__(self, x):
+        _TRACES.append(1)  # a Python side effect: runs only while tracing
+        return self.linear(x)
+
+
+def test_step_is_compiled_once():
+    (X, y), _ = _moons(400)
+    model = _CountingModel(eqx.nn.Linear(2, 2, key=jr.key(0)))
+    after_first_step = []
+
+    def callback(step, metrics):
+        if step == 1:
+            after_first_step.append(len(_TRACES))
+
+    fit(
+        model,
+        optax.adam(1e-2),
+        (X, y),
+        batch_size=64,
+        epochs=3,
+        key=jr.key(0),
+        task="classification",
+        callback=callback,
+    )
+    assert after_first_step[0] >= 1
+    assert len(_TRACES) == after_first_step[0]
+
+
+def test_same_key_same_run_and_other_key_other_run():
+    (X, y), _ = _moons(300)
+    runs = [
+        fit(_small_net(), optax.adam(1e-2), (X, y), batch_size=32, steps=9, key=key)
+        for key in (jr.key(3), jr.key(3), jr.key(4))
+    ]
+    assert _leaves_equal(runs[0].model, runs[1].model)
+    assert not _leaves_equal(runs[0].model, runs[2].model)
+
+
+def test_callback_and_history():
+    (X, y), _ = _moons(300)  # 150 examples, batch 40: 3 steps an epoch
+    seen = []
+    result = fit(
+        _small_net(),
+        optax.adam(1e-2),
+        (X, y),
+        batch_size=40,
+        steps=7,
+        key=jr.key(0),
+        callback=lambda step, metrics: seen.append((step, metrics)),
+    )
+    assert [step for step, _ in seen] == list(range(1, 8))
+    assert set(seen[0][1]) == {"loss", "data_loss", "accuracy"}
+    assert result.history.steps["loss"] == [m["loss"] for _, m in seen]
+    assert len(result.history.epochs["loss"]) == 2  # complete epochs only
+    np.testing.assert_allclose(
+        result.history.epochs["loss"][1], np.mean(result.history.steps["loss"][3:6])
+    )
+
+
+def test_regression_with_one_target_per_row(rng):
+    X = rng.normal(size=(64, 2)).astype(np.float32)
+    y = (X[:, 0] - X[:, 1]).astype(np.float32)
+    net = FlowNet.init(
+        2,
+        1,
+        n=3,
+        hidden=8,
+        num_blocks=2,
+        key=jr.key(0),
+        task="regression",
+        dtype=jnp.float32,
+    )
+    result = fit(net, optax.adam(1e-2), (X, y), batch_size=16, steps=200, key=jr.key(0))
+    assert evaluate(result.model, (X, y))["data_loss"] < 0.05
+
+
+# 5. Bad input
+
+
+def test_labels_outside_the_class_range():
+    (X, y), _ = _moons(300)
+    y = y.copy()
+    y[17] = 2
+    with pytest.raises(ValueError, match=r"label 2 at row 17 .* range 0\.\.1"):
+        fit(
+            _small_net(),
+            optax.adam(1e-2),
+            (X, y),
+            batch_size=10,
+            steps=1,
+            key=jr.key(0),
+        )
+    y[17] = -1
+    with pytest.raises(ValueError, match=r"label -1 at row 17"):
+        fit(
+            _small_net(),
+            optax.adam(1e-2),
+            (X, y),
+            batch_size=10,
+            steps=1,
+            key=jr.key(0),
+        )
+    with pytest.raises(ValueError, match=r"label 0.5 at row 3 is not"):
+        evaluate(_small_net(), (X, np.where(np.arange(150) == 3, 0.5, 0.0)))
+
+
+def test_batch_larger_than_the_data():
+    (X, y), _ = _moons(100)
+    with pytest.raises(ValueError, match=r"batch_size=51 is larger than the data \(50"):
+        fit(
+            _small_net(),
+            optax.adam(1e-2),
+            (X, y),
+            batch_size=51,
+            steps=1,
+            key=jr.key(0),
+        )
+
+
+def test_nan_in_the_data():
+    (X, y), _ = _moons(100)
+    X = X.copy()
+    X[12, 1] = np.nan
+    with pytest.raises(ValueError, match=r"X contain 1 non-finite .* row 12, column 1"):
+        fit(
+            _small_net(),
+            optax.adam(1e-2),
+            (X, y),
+            batch_size=10,
+            steps=1,
+            key=jr.key(0),
+        )
+    target = np.ones((50, 2))
+    target[4, 0] = np.inf
+    net = _small_net(task="regression")
+    with pytest.raises(ValueError, match=r"targets y contain .* row 4, column 0"):
+        fit(
+            net,
+            optax.adam(1e-2),
+            (np.ones((50, 2)), target),
+            batch_size=10,
+            steps=1,
+            key=jr.key(0),
+        )
+
+
+@pytest.mark.parametrize(
+    "optimizer, match",
+    [
+        (optax.adam, r"got the function 'adam'; call it"),
+        ("adam", r"optax.GradientTransformation .* got str"),
+        (lambda g: g, r"got the function '<lambda>'"),
+    ],
+)
+def test_optimizer_that_is_not_an_optax_transformation(optimizer, match):
+    (X, y), _ = _moons(100)
+    with pytest.raises(TypeError, match=match):
+        fit(_small_net(), optimizer, (X, y), batch_size=10, steps=1, key=jr.key(0))
+
+
+def test_other_bad_arguments():
+    (X, y), _ = _moons(100)
+    net, opt = _small_net(), optax.adam(1e-2)
+    with pytest.raises(ValueError, match="exactly one of steps and epochs"):
+        fit(net, opt, (X, y), batch_size=10, key=jr.key(0))
+    with pytest.raises(ValueError, match="same number of examples"):
+        fit(net, opt, (X, y[:-1]), batch_size=10, steps=1, key=jr.key(0))
+    with pytest.raises(TypeError, match="pass task="):
+        fit(
+            eqx.nn.Linear(2, 2, key=jr.key(0)),
+            opt,
+            (X, y),
+            batch_size=10,
+            steps=1,
+            key=jr.key(0),
+        )
+    with pytest.raises(TypeError, match="kinetic regularization needs"):
+        fit(
+            eqx.nn.Linear(2, 2, key=jr.key(0)),
+            opt,
+            (X, y),
+            batch_size=10,
+            steps=1,
+            key=jr.key(0),
+            task="classification",
+            kinetic=1.0,
+        )
+    with pytest.raises(ValueError, match="in_size=4 must be between 1 and"):
+        FlowNet.init(4, 2, n=3, hidden=4, num_blocks=2, key=jr.key(0))
+
+
+def _nan_at(count: int) -> optax.GradientTransformation:
+    """SGD whose update number `count` (from 0) is NaN."""
+
+    def init(params):
+        return jnp.zeros((), jnp.int32)
+
+    def update(grads, state, params=None):
+        scale = jnp.where(state == count, jnp.nan, -1e-2)
+        return jax.tree.map(lambda g: scale * g, grads), state + 1
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_nan_loss_stops_with_the_last_good_parameters():
+    (X, y), _ = _moons(300)
+    options = dict(batch_size=30, key=jr.key(0))
+    good = fit(_small_net(), _nan_at(2), (X, y), steps=2, **options)
+    with pytest.raises(
+        TrainingDivergedError, match=r"at step 3 .*smaller learning rate.*float64"
+    ) as info:
+        fit(_small_net(), _nan_at(2), (X, y), steps=10, **options)
+    error = info.value
+    assert error.step == 3
+    assert _leaves_equal(error.model, good.model)
+    assert len(error.history.steps["loss"]) == 3
+
+
+def test_blow_up_of_a_too_large_learning_rate_is_caught():
+    (X, y), _ = _moons(300)
+    with pytest.raises(TrainingDivergedError) as info:
+        fit(
+            _small_net(scale=1.0),
+            optax.sgd(1e36),
+            (X, y),
+            batch_size=30,
+            steps=50,
+            key=jr.key(0),
+        )
+    arrays = jax.tree.leaves(eqx.filter(info.value.model, eqx.is_inexact_array))
+    assert all(np.all(np.isfinite(a)) for a in arrays)
+    assert "smaller learning rate" in str(info.value)
+
+
+# Flow coordinates (eq. 19-23)
+
+
+def test_flow_coordinate_layers_stay_rotations_and_match_numpy(rng):
+    (X, y), test = _split(*make_moons(600, noise=0.1, random_state=1), dtype=np.float64)
+    net = FlowCoordinateMLP.init(2, 2, width=8, depth=3, key=jr.key(0))
+    result = fit(net, optax.adam(1e-2), (X, y), batch_size=50, epochs=40, key=jr.key(1))
+    trained = result.model
+    U, V = trained.rotations()
+    eye = np.eye(8)
+    for R in (*U, *V):
+        np.testing.assert_allclose(R.T @ R, eye, atol=1e-12)
+        np.testing.assert_allclose(np.linalg.det(R), 1.0, atol=1e-12)
+    # the forward pass against SciPy's expm of the generators (eq. 22-23)
+    x = rng.normal(size=2)
+    h = np.zeros(8)
+    h[:2] = x
+    A, B = np.asarray(trained.A), np.asarray(trained.B)
+    for layer in range(3):
+        W = (
+            expm(A[layer] - A[layer].T)
+            @ np.diag(np.exp(trained.lam[layer]))
+            @ expm(B[layer] - B[layer].T)
+        )
+        h = W @ h + np.asarray(trained.b[layer])
+        h = np.tanh(h) if layer < 2 else h
+    np.testing.assert_allclose(trained(jnp.asarray(x)), h[:2], rtol=1e-10)
+    assert evaluate(trained, test)["accuracy"] > 0.97
