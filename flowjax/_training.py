@@ -450,7 +450,10 @@ class _Run:
     key_data: list[int]
     batch_size: int
     num_examples: int
+    data_sha256: str
     task: str
+    kinetic: float
+    smoothness: float
 
     def header(self, step: int, history: History) -> dict:
         return {**dataclasses.asdict(self), "step": step, "history": history.to_json()}
@@ -494,10 +497,19 @@ def _total_steps(steps: int | None, epochs: int | None, steps_per_epoch: int) ->
         raise ValueError(
             f"give exactly one of steps and epochs, got steps={steps}, epochs={epochs}."
         )
-    total = steps if steps is not None else epochs * steps_per_epoch  # type: ignore
+    total = steps if epochs is None else epochs * steps_per_epoch
+    assert total is not None
     if total < 0:
         raise ValueError(f"the number of steps must be >= 0, got {total}.")
     return int(total)
+
+
+def _fingerprint(data: _Data) -> str:
+    """SHA-256 of the training data, so a resume cannot silently switch data."""
+    digest = hashlib.sha256()
+    for array in data:
+        digest.update(np.ascontiguousarray(jax.device_get(array)).tobytes())
+    return digest.hexdigest()
 
 
 def _epoch_permutation(key: PRNGKeyArray, epoch: int, num_examples: int) -> Array:
@@ -508,10 +520,16 @@ def _epoch_permutation(key: PRNGKeyArray, epoch: int, num_examples: int) -> Arra
 _permutation = jax.jit(_epoch_permutation, static_argnums=2)
 
 
-def _resume(path, params, opt_state, run: _Run):
+def _resume(path, params, opt_state, run: _Run, total: int):
     (params, opt_state), header = load_checkpoint(path, (params, opt_state))
     run.check(header, path)
-    return params, opt_state, int(header["step"]), History.from_json(header["history"])
+    start = int(header["step"])
+    if start > total:
+        raise ValueError(
+            f"cannot resume from {os.fspath(path)!r}: it is at step {start}, beyond "
+            f"the {total} steps asked for; ask for at least {start} steps."
+        )
+    return params, opt_state, start, History.from_json(header["history"])
 
 
 def _diverged(step, metrics, good, static, history) -> TrainingDivergedError:
@@ -519,9 +537,10 @@ def _diverged(step, metrics, good, static, history) -> TrainingDivergedError:
     loss = metrics["loss"]
     what = "loss" if not math.isfinite(loss) else "gradient"
     message = (
-        f"the training {what} became non-finite at step {step} (loss {loss}); "
-        f"training stopped. The last model and optimizer state with a finite loss "
-        f"and gradient are attached to this error as .model and .opt_state. "
+        f"the training {what} became non-finite at step {step} (counted from 0; "
+        f"loss {loss}), so training stopped. The last model and optimizer state "
+        f"with a finite loss and gradient are attached to this error as .model "
+        f"and .opt_state. "
         f"{_NAN_ADVICE}"
     )
     model = eqx.combine(params, static)
@@ -541,6 +560,8 @@ def _train_loop(step_fn, data, key, start, total, state, static, history, hooks)
         if perm is None or batch == 0:
             perm = _permutation(key, epoch, data.X.shape[0])
         out = step_fn(params, opt_state, data, perm, batch * batch_size, batch_size)
+        # TODO(issue 5): one host sync a step (NaN check, history, callback); for
+        # tiny models a lax.scan over several steps would cut the dispatch cost.
         metrics, finite = jax.device_get((out[2], out[3]))
         metrics = {name: float(value) for name, value in metrics.items()}
         if not finite:
@@ -575,7 +596,8 @@ def fit(
 ) -> FitResult:
     """Fit `model` to `data = (X, y)`: the inverse problem of the transport equation.
 
-    Minimizes, over the model's floating-point arrays,
+    Minimizes, over the model's trainable arrays (those marked by
+    `model.trainable_spec()` where the model defines it, else all floating arrays),
 
     `loss = data_loss + kinetic * KE + smoothness * S`
 
@@ -631,15 +653,18 @@ def fit(
     params, static = eqx.partition(model, _trainable_spec(model))
     opt_state = optimizer.init(params)
     run = _Run(
-        key_data=_key_data(key),
-        batch_size=batch_size,
-        num_examples=num_examples,
-        task=task,
+        _key_data(key),
+        batch_size,
+        num_examples,
+        _fingerprint(checked),
+        task,
+        float(kinetic),
+        float(smoothness),
     )
     start, history = 0, History()
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
         params, opt_state, start, history = _resume(
-            checkpoint_path, params, opt_state, run
+            checkpoint_path, params, opt_state, run, total
         )
 
     step_fn = _make_step(static, optimizer, _Objective(task, kinetic, smoothness))
@@ -668,12 +693,17 @@ def evaluate(
     size = (
         num if batch_size is None else _steps_per_epoch(batch_size, num) and batch_size
     )
-    objective = eqx.filter_jit(_Objective(task, 0.0, 0.0))
+    objective = _Objective(task, 0.0, 0.0)
     totals: dict[str, float] = {}
     for begin in range(0, num, size):
         x, y = checked.X[begin : begin + size], checked.y[begin : begin + size]
-        _, metrics = objective(model, x, y)
+        metrics = _batch_metrics(objective, model, x, y)
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + float(value) * len(x)
     totals.pop("loss")
     return {name: value / num for name, value in totals.items()}
+
+
+@eqx.filter_jit
+def _batch_metrics(objective: _Objective, model: Any, x: Array, y: Array) -> dict:
+    return objective(model, x, y)[1]

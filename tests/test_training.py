@@ -114,6 +114,18 @@ def test_euler_path_is_the_resnet_and_its_kinetic_energy(rng):
     np.testing.assert_allclose(energy, expected_energy, rtol=1e-12)
 
 
+def test_checkpointed_euler_steps_give_the_same_gradient(rng):
+    net = FlowNet.init(2, 2, n=3, hidden=4, num_blocks=3, key=jr.key(0))
+    x = jnp.asarray(rng.normal(size=2))
+
+    def gradient(model):
+        grads = eqx.filter_grad(lambda m: jnp.sum(m(x) ** 2))(model)
+        return jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+
+    assert _leaves_equal(gradient(net), gradient(net.replace(checkpoint=True)))
+
+
+@pytest.mark.slow
 def test_adaptive_kinetic_energy_is_the_limit_of_euler(rng):
     net = FlowNet.init(
         2, 2, n=3, hidden=5, num_blocks=3, key=jr.key(4), interpolation="linear"
@@ -198,7 +210,7 @@ def gradient_problem():
 
 def test_discretize_gradient_converges_to_adaptive_like_one_over_k(gradient_problem):
     net, gradient, reference = gradient_problem
-    steps = np.array([8, 16, 32, 64])
+    steps = np.array([8, 16, 32])
     errors = np.array(
         [
             float(jnp.linalg.norm(gradient(net.replace(num_steps=int(K))) - reference))
@@ -214,7 +226,7 @@ def test_discretize_gradient_converges_to_adaptive_like_one_over_k(gradient_prob
     )
     assert np.all(np.diff(errors) < 0)
     assert -1.2 < slope < -0.8
-    assert errors[-1] < 0.05
+    assert errors[-1] < 0.05  # measured: 0.12, 0.057, 0.028
 
 
 def test_backsolve_and_recursive_checkpoint_adjoints_agree(gradient_problem):
@@ -444,7 +456,7 @@ def test_step_is_compiled_once():
 def test_same_key_same_run_and_other_key_other_run():
     (X, y), _ = _moons(300)
     runs = [
-        fit(_small_net(), optax.adam(1e-2), (X, y), batch_size=32, steps=9, key=key)
+        fit(_small_net(), optax.adam(1e-2), (X, y), batch_size=32, steps=3, key=key)
         for key in (jr.key(3), jr.key(3), jr.key(4))
     ]
     assert _leaves_equal(runs[0].model, runs[1].model)
