@@ -101,11 +101,12 @@ def _host_negative_det(W: np.ndarray) -> bool:
 def _refuse_negative_det(W: Array, U: Array, negative: Array) -> Array:
     """`U`, refused (`ValueError` / `eqx.error_if`) when `W` has no proper SVD."""
     n = W.shape[0]
-    if not _is_traced(W):
-        W_np = np.asarray(W)
-        if _host_negative_det(W_np):
-            raise ValueError(_negative_det_message(n, float(np.linalg.det(W_np))))
-    return eqx.error_if(U, negative, _negative_det_message(n, None))
+    if _is_traced(negative):
+        return eqx.error_if(U, negative, _negative_det_message(n, None))
+    if bool(negative):
+        det = float(np.linalg.det(np.asarray(W, np.float64)))
+        raise ValueError(_negative_det_message(n, det))
+    return U
 
 
 # ---------------------------------------------------------------------------------
@@ -152,6 +153,13 @@ def proper_svd(
             "of shape (m, d) first (embed_layer, layer_svd)."
         )
     W = _finite_or_error(W, "proper_svd")
+    U, s, V, negative = _proper_svd_core(W)
+    U = _refuse_negative_det(W, U, negative)
+    return U, s, V
+
+
+@jax.jit
+def _proper_svd_core(W: Float[Array, "n n"]) -> tuple[Array, Array, Array, Array]:
     U, s, V = jnp.linalg.svd(W)
     n = s.shape[0]
     zero = s <= _zero_tol(s, n)
@@ -167,8 +175,7 @@ def proper_svd(
     U = _flip_column(U, n - 1, both)
     V = _flip_column(V.T, n - 1, both).T
     negative = (det_U * det_V < 0) & ~has_zero
-    U = _refuse_negative_det(W, U, negative)
-    return U, s, V
+    return U, s, V, negative
 
 
 def embed_layer(
@@ -401,14 +408,23 @@ def layer_svd(
     W = _as_float_array(W)
     m, d = _check_layer_shape(W, n, "layer_svd")
     W = _finite_or_error(W, "layer_svd")
+    U, s, V, negative = _layer_svd_core(W, n)
+    if n == m == d:
+        U = _refuse_negative_det(W, U, negative)
+    return U, s, V
+
+
+@jax.jit(static_argnums=1)
+def _layer_svd_core(
+    W: Float[Array, "m d"], n: int
+) -> tuple[Array, Array, Array, Array]:
+    m, d = W.shape
     U_small, s_small, V_small = jnp.linalg.svd(W)
     U, V = _pad_identity(U_small, n), _pad_identity(V_small, n)
     s = jnp.zeros((n,), W.dtype).at[: s_small.shape[0]].set(s_small)
     keep = s > _zero_tol(s, max(m, d))
     U, V, negative = _proper_factors(U, V, keep)
-    if n == m == d:
-        U = _refuse_negative_det(W, U, negative)
-    return U, s, V
+    return U, s, V, negative
 
 
 # ---------------------------------------------------------------------------------
@@ -482,7 +498,14 @@ def _complex_structure(
     return jnp.where(block, _antisym(J + J_free), 0)
 
 
+@jax.jit
 def _skew_log_impl(R: Float[Array, "n n"]) -> Float[Array, "n n"]:
+    finite = jnp.all(jnp.isfinite(R))
+    A = _finite_skew_log(jnp.where(finite, R, jnp.eye(R.shape[0], dtype=R.dtype)))
+    return jnp.where(finite, A, jnp.nan)
+
+
+def _finite_skew_log(R: Float[Array, "n n"]) -> Float[Array, "n n"]:
     S = (R + R.T) / 2
     K = _antisym(R)
     c, Y = jnp.linalg.eigh(S)
@@ -517,6 +540,7 @@ def _half_cot(delta: Array) -> Array:
     return jnp.where(small, 1 - h**2 / 3, h_safe * jnp.cos(h_safe) / sin)
 
 
+@jax.jit
 def _skew_log_tangent(
     R: Float[Array, "n n"], A: Float[Array, "n n"], dR: Float[Array, "n n"]
 ) -> Float[Array, "n n"]:
@@ -569,10 +593,7 @@ def skew_log(R: Float[ArrayLike, "n n"]) -> Float[Array, "n n"]:
     infinite entries gives NaN (in bounded time); an `R` outside `SO(n)` gives a
     skew matrix that is not a logarithm.
     """
-    R = _as_float_array(R)
-    finite = jnp.all(jnp.isfinite(R))
-    R_safe = jnp.where(finite, R, jnp.eye(R.shape[0], dtype=R.dtype))
-    return jnp.where(finite, _skew_log_impl(R_safe), jnp.nan)
+    return _skew_log_impl(_as_float_array(R))
 
 
 @skew_log.defjvp
