@@ -78,7 +78,14 @@ class FlowNet(eqx.Module):
     - `num_steps`: Euler steps on a uniform grid of `[t_0, t_L]`, or `None` for
       one step a block on the parameters' own grid (static).
     - `checkpoint`: rematerialise each Euler step in the backward pass (static).
-    - `integrator`: the `flowjax.Integrator` of the adaptive path.
+    - `integrator`: the `flowjax.Integrator` of the adaptive path; its adjoint is
+      `diffrax.RecursiveCheckpointAdjoint()` by default, pass
+      `Integrator(adjoint=diffrax.BacksolveAdjoint())` to solve backwards instead.
+      A `diffrax.PIDController` is made to step onto the grid's inner times,
+      where the parameters jump (`'constant'`) or bend (`'linear'`).
+
+    Switch paths with `net.replace(method="adaptive")` (and back), the
+    parameters unchanged.
     """
 
     grid: GridParams

@@ -636,6 +636,15 @@ def fit(
 
     **Returns:** a `FitResult` `(model, opt_state, history)`.
 
+    **Example** (a progress bar):
+
+    ```python
+    bar = tqdm.tqdm(total=1000)
+    callback = lambda step, m: (bar.update(), bar.set_postfix(loss=m["loss"]))
+    model, opt_state, history = fit(net, optax.adam(1e-2), (X, y), batch_size=64,
+                                    steps=1000, key=jr.key(0), callback=callback)
+    ```
+
     **Raises:** `TypeError` for an optimizer that is not an optax transformation;
     `ValueError` for bad data (labels outside `0..C-1`, NaN, shapes) or a batch
     larger than the data; `TrainingDivergedError` when the loss or gradient turns
