@@ -1,0 +1,56 @@
+"""flowjax: the flow model of neural networks in JAX.
+
+A plain net is a flow (rotate, stretch, rotate, translate, activate); a ResNet is
+Euler's method on a flow. See docs/theory.md for the equations cited throughout.
+"""
+
+from ._activations import (
+    Activation as Activation,
+    activation as activation,
+    activation_velocity as activation_velocity,
+    homotopy_threshold as homotopy_threshold,
+    inverse_below_threshold as inverse_below_threshold,
+    piecewise_linear as piecewise_linear,
+    sigma_s as sigma_s,
+    sigma_s_inverse as sigma_s_inverse,
+)
+from ._fields import (
+    activation_field as activation_field,
+    affine_stage_field as affine_stage_field,
+    layer_field as layer_field,
+    linear_stage_generators as linear_stage_generators,
+    network_field as network_field,
+    rotation_field as rotation_field,
+    stretch_field as stretch_field,
+    translation_field as translation_field,
+)
+from ._flow_model import FlowModel as FlowModel, flow_model as flow_model
+from ._flow_params import (
+    LayerFlow as LayerFlow,
+    NetworkFlow as NetworkFlow,
+    flow_parameters as flow_parameters,
+)
+from ._linalg import (
+    embed_layer as embed_layer,
+    embedding_dim as embedding_dim,
+    layer_generators as layer_generators,
+    layer_svd as layer_svd,
+    proper_svd as proper_svd,
+    skew_log as skew_log,
+    stretch_generator as stretch_generator,
+)
+from ._plain_net import (
+    PlainLayer as PlainLayer,
+    PlainNet as PlainNet,
+    plain_net as plain_net,
+)
+from ._time_scaling import TimeScaling as TimeScaling, time_scaling as time_scaling
+from ._transport import (
+    Integrator as Integrator,
+    characteristics as characteristics,
+    flow_map as flow_map,
+    solve_transport as solve_transport,
+)
+
+
+__version__ = "0.1.0"

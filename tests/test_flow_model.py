@@ -1,0 +1,255 @@
+"""The continuous flow model reproduces the plain net it came from (eq. 48-50)."""
+
+import functools
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.integrate
+from helpers import as_array, load_case, random_sequential, sequential
+
+import flowjax
+
+
+TIGHT = flowjax.Integrator(
+    stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-12), max_steps=100_000
+)
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "leaky_relu": functools.partial(jax.nn.leaky_relu, negative_slope=0.2),
+    "relu6": jax.nn.relu6,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "softplus": jax.nn.softplus,
+    "identity": None,
+}
+
+SHAPES = {
+    "grow": (3, 5, 6),
+    "shrink": (6, 4, 2),
+    "equal": (4, 4, 4),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_reproduces_plain_net(rng, name, shape):
+    widths = SHAPES[shape]
+    net = random_sequential(rng, widths, ACTIVATIONS[name], negative_det=True)
+    model = flowjax.flow_model(net, integrator=TIGHT)
+    xs = rng.normal(size=(3, widths[0]))
+    for x in xs:
+        np.testing.assert_allclose(
+            model(jnp.asarray(x)), net(jnp.asarray(x)), atol=1e-7
+        )
+
+
+def test_negative_determinant_is_padded(rng):
+    """Case 05: a 3x3 layer with det -2 gets a fourth dimension and still works."""
+    W = np.load("tests/cases/case05_negative_det_weight.npy")
+    net = sequential([W], [np.zeros(3)], [jnp.tanh])
+    model = flowjax.flow_model(net, integrator=TIGHT)
+    assert model.flow.n == 4
+    x = jnp.asarray(rng.normal(size=3))
+    np.testing.assert_allclose(model(x), net(x), atol=1e-7)
+
+
+@pytest.mark.parametrize("key", ["rank1_diag", "rank1_dense"])
+def test_rank_deficient_weights(rng, key):
+    """Case 06: zero singular values go through the -kappa stretch (eq. 21)."""
+    W = as_array(load_case("case06_singular_and_nan_weights.json")[key])
+    net = sequential([W], [np.array([0.3, -0.2])], [jax.nn.relu])
+    model = flowjax.flow_model(net, integrator=TIGHT)
+    x = jnp.asarray(rng.normal(size=2))
+    np.testing.assert_allclose(model(x), net(x), atol=1e-7)
+
+
+def test_nan_weight_refused():
+    """Case 06: a NaN weight is refused with a message naming the layer."""
+    W = as_array(load_case("case06_singular_and_nan_weights.json")["with_nan"])
+    net = sequential([np.eye(2), W], [np.zeros(2), np.zeros(2)], [jnp.tanh, None])
+    with pytest.raises(ValueError, match="layer 1 has a non-finite W"):
+        flowjax.flow_model(net)
+
+
+def test_relu_stage_endpoint():
+    """Case 07: the ReLU activation flow from y reaches relu(y), although the field
+    is singular at the stage's end, where off-the-shelf adaptive solves stall."""
+    case = load_case("case07_relu_homotopy_endpoint.json")
+    y = jnp.asarray(case["y"])
+    net = sequential([np.eye(3)], [np.zeros(3)], [jax.nn.relu])
+    for scaling in ("linear", "cubic", "smooth"):
+        model = flowjax.flow_model(net, time_scaling=scaling)
+        np.testing.assert_allclose(model(y), case["expected"], atol=1e-6)
+
+    # Straight to s = 1 on the bare stage field: never a silent wrong value.
+    sigma = flowjax.activation(jax.nn.relu)
+    args = (sigma, flowjax.time_scaling("linear"))
+    z = flowjax.flow_map(flowjax.activation_field, y, 0.0, 1.0, args)
+    np.testing.assert_allclose(z, case["expected"], atol=1e-6)
+
+
+def test_softmax_refused_tanh_accepted(rng):
+    """Case 10: softmax is not elementwise; a tanh final activation works."""
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="elementwise"):
+        flowjax.flow_model(
+            eqx.nn.MLP(3, 2, 4, 1, final_activation=jax.nn.softmax, key=key)
+        )
+    mlp = eqx.nn.MLP(3, 2, 4, 1, final_activation=jax.nn.tanh, key=key)
+    model = flowjax.flow_model(mlp, integrator=TIGHT)
+    x = jnp.asarray(rng.normal(size=3), jnp.float32)
+    np.testing.assert_allclose(model(x), mlp(x), atol=1e-6)
+
+
+MLP_OPTIONS = {
+    "scalar_in": dict(in_size="scalar", out_size=2, width_size=3, depth=1),
+    "scalar_out": dict(in_size=2, out_size="scalar", width_size=3, depth=2),
+    "depth0": dict(in_size=3, out_size=2, width_size=4, depth=0),
+    "no_bias": dict(in_size=2, out_size=2, width_size=3, depth=1, use_bias=False),
+    "no_final_bias": dict(
+        in_size=2, out_size=2, width_size=3, depth=1, use_final_bias=False
+    ),
+    "scan": dict(in_size=2, out_size=3, width_size=4, depth=3, scan=True),
+    "sigmoid_final": dict(
+        in_size=2, out_size=2, width_size=3, depth=1, final_activation=jax.nn.sigmoid
+    ),
+}
+
+
+@pytest.mark.parametrize("option", MLP_OPTIONS)
+def test_mlp_options(rng, option):
+    mlp = eqx.nn.MLP(**MLP_OPTIONS[option], key=jax.random.key(1), dtype=jnp.float64)
+    model = flowjax.flow_model(mlp, integrator=TIGHT)
+    shape = () if mlp.in_size == "scalar" else (mlp.in_size,)
+    x = jnp.asarray(rng.normal(size=shape))
+    out = model(x)
+    assert out.shape == mlp(x).shape
+    np.testing.assert_allclose(out, mlp(x), atol=1e-7)
+
+
+def test_float32(rng):
+    mlp = eqx.nn.MLP(3, 2, 5, 2, activation=jnp.tanh, key=jax.random.key(2))
+    model = flowjax.flow_model(mlp)
+    x = jnp.asarray(rng.normal(size=3), jnp.float32)
+    out = model(x)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, mlp(x), atol=1e-4)
+
+
+def test_jit_and_vmap_match_loop(rng):
+    mlp = eqx.nn.MLP(2, 2, 3, 1, key=jax.random.key(3), dtype=jnp.float64)
+    model = flowjax.flow_model(mlp)
+    xs = jnp.asarray(rng.normal(size=(4, 2)))
+    batched = eqx.filter_jit(jax.vmap(model))(xs)
+    looped = jnp.stack([model(x) for x in xs])
+    np.testing.assert_allclose(batched, looped, rtol=1e-12, atol=1e-12)
+
+
+def test_network_field_against_solve_ivp(rng):
+    """One whole network integrated by SciPy on the glued field (eq. 50)."""
+    widths = (3, 4, 2)
+    net = random_sequential(rng, widths, jnp.tanh)
+    model = flowjax.flow_model(net, integrator=TIGHT)
+    x = rng.normal(size=3)
+    field = jax.jit(lambda t, y: model.vector_field(t, y, model.args))
+
+    def rhs(t, y):
+        return np.asarray(field(jnp.asarray(t), jnp.asarray(y)))
+
+    y0 = np.asarray(model.embed(jnp.asarray(x)))
+    ivp = scipy.integrate.solve_ivp(rhs, (0.0, model.T), y0, rtol=1e-10, atol=1e-12)
+    assert ivp.success
+    np.testing.assert_allclose(
+        model.readout(jnp.asarray(ivp.y[:, -1])), net(x), atol=1e-6
+    )
+    np.testing.assert_allclose(model(jnp.asarray(x)), net(x), atol=1e-7)
+
+
+def test_stage_states_follow_the_five_stages(rng):
+    """After the stages of one layer the state is, in turn, V x, Sigma V x, W x,
+    W x + b and sigma(W x + b) (eq. 24-33, 42)."""
+    net = random_sequential(rng, (3, 3), None)
+    net = sequential(
+        [np.asarray(net.layers[0].weight)], [np.asarray(net.layers[0].bias)], [jnp.tanh]
+    )
+    model = flowjax.flow_model(net, integrator=TIGHT)
+    x = rng.normal(size=3)
+    states = np.asarray(model.stage_states(jnp.asarray(x)))
+    layer = model.flow.layers[0]
+    W, b = np.asarray(layer.W), np.asarray(layer.b)
+    y = np.asarray(model.embed(jnp.asarray(x)))
+    np.testing.assert_allclose(states[3], W @ y, atol=1e-8)
+    np.testing.assert_allclose(states[4], W @ y + b, atol=1e-8)
+    np.testing.assert_allclose(states[5], np.tanh(W @ y + b), atol=1e-8)
+
+
+def test_transport_at_intermediate_time(rng):
+    """`u(x, t)` for `t` at a layer boundary is the rest of the net applied to `x`."""
+    net = random_sequential(rng, (2, 3, 2), jnp.tanh)
+    model = flowjax.flow_model(net, integrator=TIGHT)
+    z = jnp.asarray(rng.normal(size=model.flow.n))
+    u, _ = model.flow_map(z, 1.0)
+    second = net.layers[2]
+    expected = second.weight @ z[:3] + second.bias
+    np.testing.assert_allclose(model.readout(u), expected, atol=1e-7)
+
+
+def test_counts_solver_steps(rng):
+    net = random_sequential(rng, (2, 3, 2), jax.nn.relu)
+    model = flowjax.flow_model(net)
+    _, steps = model.solve(jnp.asarray(rng.normal(size=2)))
+    assert 4 <= int(steps) < 4096
+
+
+class TestBadInput:
+    def test_wrong_input_shape(self):
+        mlp = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+        with pytest.raises(
+            ValueError, match=r"inputs of shape \(3,\).*got shape \(4,\)"
+        ):
+            flowjax.flow_model(mlp)(jnp.zeros(4))
+
+    def test_refused_activation(self):
+        mlp = eqx.nn.MLP(3, 2, 4, 1, activation=jax.nn.gelu, key=jax.random.key(0))
+        with pytest.raises(ValueError, match="activation.*non-decreasing"):
+            flowjax.flow_model(mlp)
+
+    @pytest.mark.parametrize("kappa", [0.0, -1.0, float("inf")])
+    def test_bad_kappa(self, kappa):
+        mlp = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+        with pytest.raises(ValueError, match="kappa"):
+            flowjax.flow_model(mlp, kappa=kappa)
+
+    @pytest.mark.parametrize("t", [-0.5, 2.5])
+    def test_time_outside_interval(self, t):
+        mlp = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+        with pytest.raises(
+            ValueError, match=r"outside the model's interval \[0, 2.0\]"
+        ):
+            flowjax.flow_model(mlp).solve(jnp.zeros(3), t)
+
+    def test_unsupported_layer(self):
+        seq = eqx.nn.Sequential(
+            [eqx.nn.Linear(2, 3, key=jax.random.key(0)), eqx.nn.Dropout(0.5)]
+        )
+        with pytest.raises(TypeError, match="Dropout"):
+            flowjax.flow_model(seq)
+
+    def test_not_a_network(self):
+        with pytest.raises(TypeError, match="Conv1d"):
+            flowjax.flow_model(eqx.nn.Conv1d(1, 1, 3, key=jax.random.key(0)))
+
+    def test_max_steps_is_reported(self, rng):
+        net = random_sequential(rng, (3, 3, 3), jax.nn.sigmoid)
+        integrator = flowjax.Integrator(
+            stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-12),
+            max_steps=3,
+        )
+        model = flowjax.flow_model(net, integrator=integrator)
+        with pytest.raises(Exception, match="max_steps=3"):
+            model(jnp.asarray(rng.normal(size=3)))

@@ -1,0 +1,151 @@
+"""Characteristics and the transport equation (eq. 1-6) against independent oracles."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.interpolate
+import scipy.linalg
+
+import flowjax
+
+
+TIGHT = flowjax.Integrator(
+    stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-12), max_steps=100_000
+)
+
+
+def linear_field(t, x, A):
+    del t
+    return A @ x
+
+
+def terminal(y):
+    return jnp.sin(y[0]) + y[1] ** 2 - 0.5 * y[2]
+
+
+def test_linear_field_closed_form(rng):
+    """u(x, t) = f(expm((t1 - t) A) x) for v(x) = A x (eq. 5)."""
+    A = rng.normal(size=(3, 3))
+    x = rng.normal(size=3)
+    for t in (0.0, 0.4, 1.0):
+        u = flowjax.solve_transport(
+            terminal,
+            linear_field,
+            jnp.asarray(x),
+            t,
+            1.0,
+            jnp.asarray(A),
+            integrator=TIGHT,
+        )
+        expected = terminal(jnp.asarray(scipy.linalg.expm((1.0 - t) * A) @ x))
+        np.testing.assert_allclose(u, expected, rtol=1e-8, atol=1e-9)
+
+
+def test_flow_map_backward_inverts_forward(rng):
+    A = rng.normal(size=(3, 3))
+    x = jnp.asarray(rng.normal(size=3))
+    forward = flowjax.flow_map(
+        linear_field, x, 0.0, 0.7, jnp.asarray(A), integrator=TIGHT
+    )
+    back = flowjax.flow_map(
+        linear_field, forward, 0.7, 0.0, jnp.asarray(A), integrator=TIGHT
+    )
+    np.testing.assert_allclose(back, x, atol=1e-9)
+
+
+def rotating_field(t, x, args):
+    """A smooth, nonlinear, time-dependent field in the plane."""
+    del args
+    return jnp.stack([jnp.sin(x[1]) + 0.3 * t, 0.5 * jnp.cos(x[0]) - 0.2 * x[1]])
+
+
+def gaussian(y):
+    return jnp.exp(-jnp.sum((y - jnp.array([0.3, -0.2])) ** 2))
+
+
+def semi_lagrangian(t, t1, num_steps, grid):
+    """Solve u_t + v . grad u = 0 backwards from u(., t1) = f on a grid.
+
+    First order in time: u(x, t_k) = u(x + dt v(x, t_k), t_{k+1}), with bilinear
+    interpolation; an independent method written with NumPy and SciPy only.
+    """
+    X, Y = np.meshgrid(grid, grid, indexing="ij")
+    u = np.exp(-((X - 0.3) ** 2 + (Y + 0.2) ** 2))
+    dt = (t1 - t) / num_steps
+    for k in reversed(range(num_steps)):
+        tk = t + k * dt
+        vx = np.sin(Y) + 0.3 * tk
+        vy = 0.5 * np.cos(X) - 0.2 * Y
+        interp = scipy.interpolate.RegularGridInterpolator(
+            (grid, grid), u, bounds_error=False, fill_value=None
+        )
+        u = interp(np.stack([X + dt * vx, Y + dt * vy], axis=-1))
+    return scipy.interpolate.RegularGridInterpolator((grid, grid), u)
+
+
+def test_agrees_with_a_grid_method():
+    grid = np.linspace(-4.0, 4.0, 321)
+    u_grid = semi_lagrangian(0.0, 1.0, 400, grid)
+    points = np.array([[0.0, 0.0], [0.5, -0.5], [-0.4, 0.3], [1.0, 0.2]])
+    for p in points:
+        u = flowjax.solve_transport(gaussian, rotating_field, jnp.asarray(p), 0.0, 1.0)
+        np.testing.assert_allclose(u, u_grid(p)[0], atol=5e-3)
+
+
+def test_gradient_matches_finite_differences(rng):
+    A = jnp.asarray(rng.normal(size=(3, 3)))
+    x = jnp.asarray(rng.normal(size=3))
+
+    def u(x, A):
+        return flowjax.solve_transport(
+            terminal, linear_field, x, 0.0, 1.0, A, integrator=TIGHT
+        )
+
+    gx, gA = jax.grad(u, argnums=(0, 1))(x, A)
+    eps = 1e-6
+    for i in range(3):
+        e = jnp.zeros(3).at[i].set(eps)
+        fd = (u(x + e, A) - u(x - e, A)) / (2 * eps)
+        np.testing.assert_allclose(gx[i], fd, rtol=1e-6, atol=1e-8)
+    E = jnp.zeros((3, 3)).at[1, 2].set(eps)
+    fd = (u(x, A + E) - u(x, A - E)) / (2 * eps)
+    np.testing.assert_allclose(gA[1, 2], fd, rtol=1e-6, atol=1e-8)
+
+
+def test_vmap_matches_loop(rng):
+    xs = jnp.asarray(rng.normal(size=(5, 2)))
+
+    def u(x):
+        return flowjax.solve_transport(gaussian, rotating_field, x, 0.0, 1.0)
+
+    np.testing.assert_allclose(
+        jax.jit(jax.vmap(u))(xs), jnp.stack([u(x) for x in xs]), rtol=1e-10
+    )
+
+
+def test_saveat_and_solver_pass_through(rng):
+    x = jnp.asarray(rng.normal(size=2))
+    ts = jnp.linspace(0.0, 1.0, 5)
+    sol = flowjax.characteristics(
+        rotating_field,
+        x,
+        0.0,
+        1.0,
+        saveat=diffrax.SaveAt(ts=ts),
+        integrator=flowjax.Integrator(solver=diffrax.Dopri5()),
+    )
+    assert sol.ys is not None and sol.ys.shape == (5, 2)
+    np.testing.assert_allclose(sol.ys[0], x)
+
+
+def test_time_after_terminal_time_refused():
+    with pytest.raises(ValueError, match="t <= t1"):
+        flowjax.solve_transport(gaussian, rotating_field, jnp.zeros(2), 1.5, 1.0)
+
+
+def test_max_steps_is_reported():
+    integrator = flowjax.Integrator(max_steps=2)
+    with pytest.raises(Exception, match="max_steps=2"):
+        flowjax.flow_map(rotating_field, jnp.ones(2), 0.0, 10.0, integrator=integrator)
