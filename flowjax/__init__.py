@@ -14,6 +14,7 @@ from ._activations import (
     sigma_s as sigma_s,
     sigma_s_inverse as sigma_s_inverse,
 )
+from ._classifier import FlowCoordinateMLP as FlowCoordinateMLP, FlowNet as FlowNet
 from ._fields import (
     activation_field as activation_field,
     affine_stage_field as affine_stage_field,
@@ -39,17 +40,60 @@ from ._linalg import (
     skew_log as skew_log,
     stretch_generator as stretch_generator,
 )
+from ._neural_flow import (
+    NeuralFlow as NeuralFlow,
+    flow_to_resnet as flow_to_resnet,
+    resnet_to_flow as resnet_to_flow,
+)
 from ._plain_net import (
     PlainLayer as PlainLayer,
     PlainNet as PlainNet,
     plain_net as plain_net,
 )
+from ._resnet import (
+    AbstractBlock as AbstractBlock,
+    AbstractStage as AbstractStage,
+    ActivationBlock as ActivationBlock,
+    Chain as Chain,
+    DiagonalBlock as DiagonalBlock,
+    EulerResNet as EulerResNet,
+    LinearBlock as LinearBlock,
+    LinearMap as LinearMap,
+    LinearStage as LinearStage,
+    Stage as Stage,
+    StretchStage as StretchStage,
+    TranslationBlock as TranslationBlock,
+    TranslationStage as TranslationStage,
+    TwoLayerBlock as TwoLayerBlock,
+    homotopy_weights as homotopy_weights,
+    parameter_count as parameter_count,
+    storage_bytes as storage_bytes,
+)
 from ._time_scaling import TimeScaling as TimeScaling, time_scaling as time_scaling
+from ._training import (
+    FitResult as FitResult,
+    History as History,
+    TrainingDivergedError as TrainingDivergedError,
+    accuracy as accuracy,
+    evaluate as evaluate,
+    fit as fit,
+    load_checkpoint as load_checkpoint,
+    mean_squared_error as mean_squared_error,
+    save_checkpoint as save_checkpoint,
+    softmax_cross_entropy as softmax_cross_entropy,
+)
 from ._transport import (
     Integrator as Integrator,
     characteristics as characteristics,
     flow_map as flow_map,
     solve_transport as solve_transport,
+)
+from ._two_layer import (
+    GridParams as GridParams,
+    TwoLayerField as TwoLayerField,
+    TwoLayerParams as TwoLayerParams,
+    two_layer_velocity as two_layer_velocity,
+    uniform_grid as uniform_grid,
 )
 
 

@@ -332,7 +332,7 @@ def homotopy_weights(
         )
     k = np.arange(num_steps, dtype=np.float64)
     alpha = 1.0 / (num_steps - k * (1.0 - negative_slope))
-    return jnp.asarray(alpha, dtype=jnp.dtype(float) if dtype is None else dtype)
+    return jnp.asarray(alpha, dtype=jnp.result_type(float) if dtype is None else dtype)
 
 
 class Stage(AbstractStage):

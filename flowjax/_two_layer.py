@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
@@ -86,7 +87,7 @@ class TwoLayerParams(eqx.Module):
         lead = () if num_blocks is None else (num_blocks,)
         if num_blocks is not None:
             _check_positive_int("TwoLayerParams.init: num_blocks", num_blocks)
-        dtype = jnp.dtype(float) if dtype is None else jnp.dtype(dtype)
+        dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
         k1, k2, k3 = jr.split(key, 3)
         W1 = jr.normal(k1, (*lead, m, n), dtype) / n**0.5
         b1 = jr.normal(k2, (*lead, m), dtype)
@@ -184,14 +185,15 @@ class GridParams(eqx.Module):
     def __call__(self, t: Real[ArrayLike, ""]) -> PyTree[Array]:
         """The parameters at time `t` (a PyTree like one block of `params`)."""
         L = self.num_blocks
-        t = jnp.clip(jnp.asarray(t), self.ts[0], self.ts[-1])
-        k = jnp.clip(jnp.searchsorted(self.ts, t, side="right") - 1, 0, L - 1)
+        ts = jax.lax.stop_gradient(self.ts)  # the grid is fixed, not trained
+        t = jnp.clip(jnp.asarray(t), ts[0], ts[-1])
+        k = jnp.clip(jnp.searchsorted(ts, t, side="right") - 1, 0, L - 1)
         here = _take(self.params, k)
         if self.interpolation == "constant":
             return here
         k_next = jnp.minimum(k + 1, L - 1)
-        t_next = self.ts[jnp.minimum(k + 1, L)]
-        w = jnp.clip((t - self.ts[k]) / (t_next - self.ts[k]), 0, 1)
+        t_next = ts[jnp.minimum(k + 1, L)]
+        w = jnp.clip((t - ts[k]) / (t_next - ts[k]), 0, 1)
         w = jnp.where(k < L - 1, w, 0)
         return jtu.tree_map(
             lambda a, b: a + w.astype(a.dtype) * (b - a),
@@ -303,7 +305,7 @@ def _take(stack: PyTree, k: Array) -> PyTree:
 
 def _float_dtype(tree: PyTree) -> Any:
     dtypes = [x.dtype for x in _arrays(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.result_type(*dtypes) if dtypes else jnp.dtype(float)
+    return jnp.result_type(*dtypes) if dtypes else jnp.result_type(float)
 
 
 def _check_positive_int(what: str, value: Any) -> None:
