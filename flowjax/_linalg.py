@@ -259,11 +259,6 @@ def embedding_dim(
         return n + 1
     for i in square:
         W = np.asarray(weights[i])
-        if not np.all(np.isfinite(W)):
-            raise ValueError(
-                f"embedding_dim: weight {i} has non-finite entries (NaN or inf); "
-                "weights must be finite."
-            )
         if not np.issubdtype(W.dtype, np.floating):
             W = W.astype(np.float64)
         if _host_negative_det(W):
@@ -284,6 +279,11 @@ def _check_weights(widths: tuple[int, ...], weights: list) -> None:
                 f"embedding_dim: weight {i} has shape {tuple(np.shape(W))}, but "
                 f"widths {widths} need {expected}."
             )
+        if not _is_traced(W) and not np.all(np.isfinite(np.asarray(W))):
+            raise ValueError(
+                f"embedding_dim: weight {i} has non-finite entries (NaN or inf); "
+                "weights must be finite."
+            )
 
 
 def _pad_identity(B: Float[Array, "k k"], n: int) -> Float[Array, "n n"]:
@@ -299,8 +299,8 @@ class _Completion(eqx.Module):
     orthonormal basis of that complement closest (Frobenius) to the identity
     columns at the free positions is `B_free O` with `O = polar(B_free^T E_free)`
     (orthogonal Procrustes). `parity` is the determinant of the completed matrix;
-    negating its weakest singular direction (Kabsch) flips the parity and lowers
-    `trace` by `cost = 2 sigma_min` (infinite when there is no free column).
+    negating the weakest singular direction of `O` (as in the Kabsch algorithm)
+    flips it at the least cost in that distance.
     """
 
     B: Array
@@ -387,12 +387,16 @@ def layer_svd(
     matrix gives the singular vectors of the nonzero singular values; the columns
     of `U` (rows of `V`) where `s_j = 0` are free, and are chosen as the
     orthonormal bases closest to the identity columns at their positions
-    (orthogonal Procrustes). Signs of singular pairs and the determinants are then
-    fixed to keep `trace U + trace V` as large as possible. This avoids the
-    rotations by pi that an arbitrary null-space basis brings in (`theory.md`,
-    numerical fact 2). Whenever `n > min(m, d)` or `W` is singular, some `s_j = 0`
-    and `det U = det V = +1` always holds; for a square, full-rank `W` with
-    `n = m = d` it has the guarantees of `proper_svd`.
+    (orthogonal Procrustes). Each pair `(u_j, v_j)` gets the sign that makes
+    `U_jj + V_jj >= 0`, and a wrong determinant is fixed inside that freedom, the
+    way that avoids rotations by exactly pi and otherwise keeps
+    `|log U|^2 + |log V|^2` small. This removes the rotations by pi that an
+    arbitrary null-space basis brings in (`theory.md`, numerical fact 2); the one
+    left is forced: a square, full-rank `W` with `det W < 0` padded once has a
+    rotation by pi in `U` or in `V`. Whenever `n > min(m, d)` or `W` is singular,
+    some `s_j = 0` and `det U = det V = +1` always holds; for a square, full-rank
+    `W` with `n = m = d` it has the guarantees of `proper_svd`. Not
+    differentiable with respect to `W` (JAX differentiates only thin SVDs).
 
     **Arguments:**
 
@@ -662,7 +666,8 @@ def layer_generators(
 
     **Returns:** `(P, lam, Q)`: skew `(n, n)`, `(n,)`, skew `(n, n)`.
 
-    **Raises:** as `layer_svd` and `stretch_generator`.
+    **Raises:** as `layer_svd` and `stretch_generator`. Not differentiable with
+    respect to `W` (see `layer_svd`).
     """
     _check_kappa(kappa)
     U, s, V = layer_svd(W, n)
