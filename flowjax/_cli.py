@@ -1,0 +1,350 @@
+"""The `flowjax` command line (also `python -m flowjax`).
+
+Each subcommand is a `Command`: a one-line help, a function that adds its options to
+an `argparse` parser, and a function that runs it and returns the exit status. The
+built-in ones are `demo`, `refine` and `save-example-model`. Another module adds
+commands without editing this file: list it in `EXTENSION_MODULES` (a missing module
+is skipped) and give it a `COMMANDS: dict[str, Command]`; `flowjax experiment` is
+meant to arrive that way, from `flowjax/_experiment_cli.py`.
+
+A user's mistake (a bad option, a missing or broken model file, inputs of the wrong
+shape) ends with one line on stderr and a non-zero exit status, never a traceback:
+`main` turns the `ValueError`, `TypeError` and `OSError` that the library raises for
+such mistakes into that line. Anything else is a bug and keeps its traceback.
+"""
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
+
+
+PROG = "flowjax"
+EXTENSION_MODULES = ("flowjax._experiment_cli",)
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class Command(NamedTuple):
+    """A subcommand: `help` (one line), `add_arguments(parser)`, `run(args) -> int`."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class UsageError(ValueError):
+    """A bad combination of options, found after parsing."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` that reports a usage error in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(
+            EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n"
+        )
+
+
+# Option types
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+# `flowjax demo`
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from ._demo import ACTIVATIONS, DemoConfig
+
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DemoConfig.out,
+        help="folder for the table, plots and model file (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--activation",
+        choices=sorted(ACTIVATIONS),
+        default="relu",
+        help="activation of the plain nets (default: relu)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small, fast run (seconds) that writes every file: for tests",
+    )
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from ._demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(args.out, args.seed, args.activation, args.quick))
+    return 0
+
+
+# `flowjax refine`
+
+
+def _refine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model_file",
+        metavar="MODEL_FILE",
+        type=Path,
+        help="a plain MLP in flowjax's model file format (docs/model-file.md)",
+    )
+    parser.add_argument(
+        "--num-steps",
+        type=positive_int,
+        required=True,
+        metavar="N",
+        help="Euler steps per stage of each layer",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="where to write the refined ResNet",
+    )
+    parser.add_argument(
+        "--linear",
+        choices=("whole", "flow"),
+        default="whole",
+        help="keep each W x + b as one map ('whole', default) or "
+        "discretize its rotations, stretch and translation ('flow')",
+    )
+    parser.add_argument(
+        "--smooth-blocks",
+        choices=("exact", "linearized", "newton", "augmented"),
+        default="exact",
+        help="for smooth activations (tanh, sigmoid, ...): how the activation blocks "
+        "invert the homotopy (refine's activation=; default: exact). ReLU-family "
+        "blocks are always exact",
+    )
+    parser.add_argument(
+        "--inputs",
+        type=Path,
+        metavar="FILE.npy",
+        help="inputs for the error certificate, shape (N, in_size); "
+        "default: --num-inputs standard normal inputs",
+    )
+    parser.add_argument(
+        "--num-inputs",
+        type=positive_int,
+        default=256,
+        metavar="M",
+        help="how many random inputs without --inputs (default: 256)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random inputs (default: 0)"
+    )
+
+
+def _run_refine(args: argparse.Namespace) -> int:
+    from ._certificate import certify, format_certificate
+
+    mlp = _load_plain_mlp(args.model_file)
+    inputs, source = _certificate_inputs(args, mlp)
+    options = {"linear": args.linear, "activation": args.smooth_blocks}
+    refined, certificate = certify(mlp, args.num_steps, inputs, **options)
+    _save_refined(args.out, refined, mlp, args.num_steps, options)
+    print(format_certificate(certificate, args.model_file, source))
+    print(f"wrote {args.out} (read it with flowjax.load_model)")
+    return 0
+
+
+def _load_plain_mlp(path: Path) -> Any:
+    import jax
+
+    from ._serialise import load_model, read_header
+
+    header = read_header(path)
+    if header["kind"] != "mlp":
+        raise UsageError(
+            f"{path} holds a model of kind {header['kind']!r}; `flowjax refine` "
+            "takes a plain MLP (kind 'mlp')."
+        )
+    if header["architecture"]["dtype"] == "float64":
+        jax.config.update("jax_enable_x64", True)
+    return load_model(path)[0]
+
+
+def _certificate_inputs(args: argparse.Namespace, mlp: Any) -> tuple[Any, str]:
+    import jax
+    import numpy as np
+
+    dtype = jax.tree.leaves(mlp.layers)[0].dtype
+    shape = () if mlp.in_size == "scalar" else (mlp.in_size,)
+    if args.inputs is None:
+        rng = np.random.default_rng(args.seed)
+        X = rng.standard_normal((args.num_inputs, *shape)).astype(dtype)
+        return X, f"{args.num_inputs} standard normal inputs (seed {args.seed})"
+    X = np.load(args.inputs, allow_pickle=False)
+    if not isinstance(X, np.ndarray) or X.shape[1:] != shape or X.shape[0] < 1:
+        found = (
+            f"an array of shape {X.shape}"
+            if isinstance(X, np.ndarray)
+            else "an .npz archive"
+        )
+        wanted = (
+            "(N" + "".join(f", {d}" for d in shape) + ("," if not shape else "") + ")"
+        )
+        raise UsageError(
+            f"{args.inputs} holds {found}; the model takes inputs of shape {shape}, "
+            f"so --inputs needs an array of shape {wanted}."
+        )
+    if not np.issubdtype(X.dtype, np.number) or not np.all(np.isfinite(X)):
+        raise UsageError(f"{args.inputs} must hold finite numbers.")
+    return X.astype(dtype), f"{len(X)} inputs from {args.inputs}"
+
+
+def _save_refined(path: Path, refined: Any, mlp: Any, num_steps: int, options) -> None:
+    from ._serialise import save_refined
+
+    save_refined(path, refined, mlp, {"num_steps": num_steps, **options})
+
+
+# `flowjax save-example-model`
+
+
+def _example_arguments(parser: argparse.ArgumentParser) -> None:
+    from ._demo import ACTIVATIONS
+
+    parser.add_argument(
+        "file",
+        metavar="FILE",
+        type=Path,
+        help="where to write the model (e.g. digits.fjx)",
+    )
+    parser.add_argument(
+        "--activation",
+        choices=sorted(ACTIVATIONS),
+        default="relu",
+        help="activation of the MLP (default: relu)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--inputs",
+        type=Path,
+        metavar="FILE.npy",
+        help="also write the standardized test digits here, "
+        "for `flowjax refine --inputs`",
+    )
+
+
+def _run_example(args: argparse.Namespace) -> int:
+    import jax.random as jr
+    import numpy as np
+
+    from ._demo import DEFAULT, load_digits_split, train_mlp
+    from ._serialise import save_mlp
+
+    split = load_digits_split(args.seed)
+    mlp = train_mlp(
+        split.X_train,
+        split.y_train,
+        width=DEFAULT.width,
+        depth=DEFAULT.depth,
+        activation=args.activation,
+        epochs=DEFAULT.epochs,
+        key=jr.key(args.seed),
+        progress="training",
+    )
+    save_mlp(args.file, mlp)
+    print(
+        f"wrote {args.file}: a 64-{DEFAULT.width}-{DEFAULT.width}-10 "
+        f"{args.activation} MLP trained on scikit-learn's digits"
+    )
+    if args.inputs is not None:
+        np.save(args.inputs, split.X_test)
+        print(f"wrote {args.inputs}: {len(split.X_test)} standardized test digits")
+    return 0
+
+
+# The registry and the entry point
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        "train a plain net on real digits, solve its flow model, refine it into "
+        "ResNets; writes a table and plots",
+        _demo_arguments,
+        _run_demo,
+    ),
+    "refine": Command(
+        "refine a saved MLP into a ResNet and certify its error",
+        _refine_arguments,
+        _run_refine,
+    ),
+    "save-example-model": Command(
+        "train the demo's digits MLP and save it as a model file for `refine`",
+        _example_arguments,
+        _run_example,
+    ),
+}
+
+
+def all_commands() -> dict[str, Command]:
+    """The built-in commands and those of every `EXTENSION_MODULES` entry present."""
+    commands = dict(COMMANDS)
+    for name in EXTENSION_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                continue  # not written yet
+            raise
+        commands.update(module.COMMANDS)
+    return commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="The flow model of neural networks: plain nets as transport "
+        "flows, ResNets as their Euler refinements.",
+        epilog=f"Run `{PROG} COMMAND --help` for the options of a command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in all_commands().items():
+        sub_parser = sub.add_parser(
+            name, help=command.help, description=command.help, prog=f"{PROG} {name}"
+        )
+        command.add_arguments(sub_parser)
+        sub_parser.set_defaults(_run=command.run, _parser=sub_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default: `sys.argv[1:]`); return the exit status."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # reported by the subcommand, which names itself and its --help
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args._run(args)
+    except (ValueError, TypeError, OSError) as err:
+        _error_line(args.command, err)
+        return EXIT_USAGE if isinstance(err, UsageError) else EXIT_ERROR
+    except KeyboardInterrupt:
+        _error_line(args.command, "interrupted")
+        return 130
+
+
+def _error_line(command: str, err: BaseException | str) -> None:
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"{PROG} {command}: error: {message}", file=sys.stderr)

@@ -1,0 +1,297 @@
+"""The command line: help, one-line errors, and the model file round trip."""
+
+import json
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flowjax._cli import all_commands, main
+from flowjax._serialise import MAGIC, load_model, read_header, save_mlp
+
+
+def small_mlp(activation=jax.nn.relu, seed=0) -> eqx.nn.MLP:
+    return eqx.nn.MLP(
+        5, 3, 8, 2, activation=activation, dtype=jnp.float32, key=jax.random.key(seed)
+    )
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "mlp.fjx"
+    save_mlp(path, small_mlp())
+    return path
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of `flowjax argv`, in this process."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status, err, *fragments):
+    assert status != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# Help
+
+
+def test_top_level_help_lists_every_command(capsys):
+    status, out, _ = run(["--help"], capsys)
+    assert status == 0
+    for name in ("demo", "refine", "save-example-model"):
+        assert name in out
+
+
+@pytest.mark.parametrize("command", sorted(all_commands()))
+def test_each_command_has_help(command, capsys):
+    status, out, _ = run([command, "--help"], capsys)
+    assert status == 0
+    assert out.startswith(f"usage: flowjax {command}")
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run(
+        [sys.executable, "-m", "flowjax", "refine", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--num-steps" in result.stdout
+
+
+# Bad options
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["demo", "--bogus"], "flowjax demo: error: unrecognized arguments: --bogus"),
+        (["demo", "--activation", "softmax"], "invalid choice: 'softmax'"),
+        (["refine", "m.fjx", "--out", "r.fjx"], "--num-steps"),
+        (["refine", "m.fjx", "--num-steps", "0", "--out", "r.fjx"], ">= 1, got 0"),
+        (["refine", "m.fjx", "--num-steps", "2.5", "--out", "r.fjx"], "whole number"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
+        ([], "required: COMMAND"),
+    ],
+)
+def test_bad_options_give_one_line(argv, fragment, capsys):
+    status, _, err = run(argv, capsys)
+    assert status == 2
+    assert_one_line_error(status, err, fragment)
+
+
+# Bad model files
+
+
+def _corrupt(path, how):
+    data = path.read_bytes()
+    end = data.index(b"\n", len(MAGIC))
+    header = json.loads(data[len(MAGIC) : end])
+    if how == "truncated":
+        return data[: len(data) - 100]
+    if how == "not a model file":
+        return b"\x93NUMPY" + data
+    if how == "bad json":
+        return data[: len(MAGIC)] + b"{not json\n" + data[end + 1 :]
+    if how == "flipped byte":
+        return data[:-5] + bytes([data[-5] ^ 1]) + data[-4:]
+    if how == "wrong architecture":
+        header["architecture"]["width_size"] = 9  # the payload holds width 8
+        return (
+            data[: len(MAGIC)] + json.dumps(header).encode() + b"\n" + data[end + 1 :]
+        )
+    if how == "unknown activation":
+        header["architecture"]["activation"] = "swish"
+        return (
+            data[: len(MAGIC)] + json.dumps(header).encode() + b"\n" + data[end + 1 :]
+        )
+    if how == "empty":
+        return b""
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how, fragment",
+    [
+        ("truncated", "is truncated"),
+        ("not a model file", "is not a flowjax model file"),
+        ("bad json", "not valid JSON"),
+        ("flipped byte", "SHA-256"),
+        ("wrong architecture", "shape (9, 5)"),
+        ("unknown activation", "'swish'"),
+        ("empty", "is not a flowjax model file"),
+    ],
+)
+def test_broken_model_file_gives_one_line(how, fragment, model_file, tmp_path, capsys):
+    broken = tmp_path / "broken.fjx"
+    broken.write_bytes(_corrupt(model_file, how))
+    out = tmp_path / "refined.fjx"
+    argv = ["refine", str(broken), "--num-steps", "2", "--out", str(out)]
+    status, _, err = run(argv, capsys)
+    assert status == 1
+    assert_one_line_error(status, err, "flowjax refine: error:", str(broken), fragment)
+    assert not out.exists()
+
+
+def test_missing_model_file_gives_one_line(tmp_path, capsys):
+    missing = tmp_path / "nowhere.fjx"
+    argv = ["refine", str(missing), "--num-steps", "2", "--out", str(tmp_path / "r")]
+    status, _, err = run(argv, capsys)
+    assert_one_line_error(status, err, "No such file", "nowhere.fjx")
+
+
+def test_broken_file_in_a_real_process_has_no_traceback(model_file, tmp_path):
+    broken = tmp_path / "broken.fjx"
+    broken.write_bytes(_corrupt(model_file, "truncated"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flowjax",
+            "refine",
+            str(broken),
+            "--num-steps",
+            "2",
+            "--out",
+            str(tmp_path / "r.fjx"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "is truncated" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "inputs, fragment",
+    [(np.zeros((4, 6), np.float32), "shape (4, 6)"), (np.zeros(5), "shape (5,)")],
+)
+def test_inputs_of_the_wrong_shape_give_one_line(
+    inputs, fragment, model_file, tmp_path, capsys
+):
+    path = tmp_path / "inputs.npy"
+    np.save(path, inputs)
+    argv = [
+        "refine",
+        str(model_file),
+        "--num-steps",
+        "2",
+        "--inputs",
+        str(path),
+        "--out",
+        str(tmp_path / "r.fjx"),
+    ]
+    status, _, err = run(argv, capsys)
+    assert_one_line_error(status, err, fragment, "(N, 5)")
+
+
+def test_refined_file_is_refused_as_refine_input(model_file, tmp_path, capsys):
+    refined = tmp_path / "refined.fjx"
+    assert (
+        run(
+            ["refine", str(model_file), "--num-steps", "2", "--out", str(refined)],
+            capsys,
+        )[0]
+        == 0
+    )
+    status, _, err = run(
+        ["refine", str(refined), "--num-steps", "2", "--out", str(tmp_path / "x.fjx")],
+        capsys,
+    )
+    assert_one_line_error(status, err, "kind 'refined'")
+
+
+# Round trip: save -> refine -> load
+
+
+def test_model_file_round_trip_keeps_every_weight(model_file):
+    model, header = load_model(model_file)
+    assert header["kind"] == "mlp"
+    original = small_mlp()
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(original), strict=True):
+        if eqx.is_array(a):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("linear", ["whole", "flow"])
+def test_save_refine_load_round_trip(linear, model_file, tmp_path, capsys):
+    from flowjax._refine import refine
+
+    inputs = np.random.default_rng(0).standard_normal((32, 5)).astype(np.float32)
+    np.save(tmp_path / "x.npy", inputs)
+    out = tmp_path / "refined.fjx"
+    argv = [
+        "refine",
+        str(model_file),
+        "--num-steps",
+        "8",
+        "--linear",
+        linear,
+        "--inputs",
+        str(tmp_path / "x.npy"),
+        "--out",
+        str(out),
+    ]
+    status, stdout, err = run(argv, capsys)
+    assert status == 0, err
+    assert "all outputs of 32 inputs from" in stdout
+    if linear == "whole":
+        assert "exact at every num_steps" in stdout
+    else:
+        assert "fitted order" in stdout
+
+    loaded, header = load_model(out)
+    assert header["kind"] == "refined"
+    assert header["refine"]["num_steps"] == 8 and header["refine"]["linear"] == linear
+    mlp = small_mlp()
+    expected = jax.vmap(refine(mlp, 8, linear=linear))(jnp.asarray(inputs))
+    np.testing.assert_array_equal(jax.vmap(loaded)(jnp.asarray(inputs)), expected)
+    plain = jax.vmap(mlp)(jnp.asarray(inputs))
+    tol = 1e-5 if linear == "whole" else 1.0
+    assert float(jnp.max(jnp.abs(expected - plain))) <= tol
+    assert read_header(out)["architecture"] == read_header(model_file)["architecture"]
+
+
+def test_float64_model_file_round_trip(tmp_path, capsys):
+    mlp64 = eqx.nn.MLP(3, 2, 4, 1, dtype=jnp.float64, key=jax.random.key(1))
+    path = tmp_path / "m64.fjx"
+    save_mlp(path, mlp64)
+    out = tmp_path / "r64.fjx"
+    status, stdout, err = run(
+        ["refine", str(path), "--num-steps", "4", "--out", str(out)], capsys
+    )
+    assert status == 0, err
+    loaded, header = load_model(out)
+    assert header["architecture"]["dtype"] == "float64"
+    x = jnp.ones(3, jnp.float64)
+    assert loaded(x).dtype == jnp.float64
+    np.testing.assert_allclose(loaded(x), mlp64(x), rtol=1e-12, atol=1e-12)
+
+
+def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "m.fjx"
+    save_mlp(path, small_mlp(seed=1))
+    save_mlp(path, small_mlp(seed=2))  # replaces the file
+    assert [p.name for p in tmp_path.iterdir()] == ["m.fjx"]
+    loaded, _ = load_model(path)
+    np.testing.assert_array_equal(
+        loaded.layers[0].weight, small_mlp(seed=2).layers[0].weight
+    )
