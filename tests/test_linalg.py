@@ -447,8 +447,9 @@ def test_layer_svd_has_no_needless_rotations_by_pi(rng):
     """Numerical fact 2: an arbitrary null-space basis brings in rotations by pi.
 
     Measured on 200 random layers per shape: the plain SVD of the padded matrix
-    (`proper_svd`) turns a plane by pi (to 1e-6) in 54%, 3%, 100%, 100% of the
-    8x5/8, 5x8/8, 8x5/9, 5x8/9 layers; `layer_svd` in none of 1000 per shape.
+    (`proper_svd`) turns a plane by pi (to 1e-6) in 54%, 3%, 100%, 100%, 100% of
+    the 8x5/8, 5x8/8, 8x5/9, 5x8/9, 2x7/10 layers (shape/n); `layer_svd` in none
+    of them (nor of 1000 more per shape for 8x5/8, 5x8/9, 2x7/10).
     """
     naive_pi, ours_pi, total = 0, 0, 0
     for m, d, n in [(8, 5, 8), (5, 8, 8), (8, 5, 9), (5, 8, 9), (2, 7, 10)]:
