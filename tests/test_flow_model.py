@@ -133,7 +133,9 @@ def test_mlp_options(rng, option):
 
 
 def test_float32(rng):
-    mlp = eqx.nn.MLP(3, 2, 5, 2, activation=jnp.tanh, key=jax.random.key(2))
+    mlp = eqx.nn.MLP(
+        3, 2, 5, 2, activation=jnp.tanh, key=jax.random.key(2), dtype=jnp.float32
+    )
     model = flowjax.flow_model(mlp)
     x = jnp.asarray(rng.normal(size=3), jnp.float32)
     out = model(x)
@@ -145,7 +147,7 @@ def test_jit_and_vmap_match_loop(rng):
     mlp = eqx.nn.MLP(2, 2, 3, 1, key=jax.random.key(3), dtype=jnp.float64)
     model = flowjax.flow_model(mlp)
     xs = jnp.asarray(rng.normal(size=(4, 2)))
-    batched = eqx.filter_jit(jax.vmap(model))(xs)
+    batched = eqx.filter_jit(lambda m, xs: jax.vmap(m)(xs))(model, xs)
     looped = jnp.stack([model(x) for x in xs])
     np.testing.assert_allclose(batched, looped, rtol=1e-12, atol=1e-12)
 
