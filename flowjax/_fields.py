@@ -6,6 +6,9 @@ layers over `[0, T]` (eq. 50). Every function here is pure and drops into
 `diffrax.ODETerm` unchanged.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Scalar
@@ -57,7 +60,9 @@ def activation_field(
     return scaling.dtau(s) * activation_velocity(sigma, z, scaling.tau(s))
 
 
-def stage_field(stage: int, layer: LayerFlow, scaling: TimeScaling):
+def stage_field(
+    stage: int, layer: LayerFlow, scaling: TimeScaling
+) -> tuple[Callable[..., Array], Any]:
     """Stage `stage` of `layer` as `(f, args)`, with `f(s, y, args)` (eq. 48)."""
     if stage == 0:
         return rotation_field, (layer.Q, scaling)

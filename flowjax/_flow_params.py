@@ -10,8 +10,8 @@ both read it and nothing else.
 from typing import Any, Literal
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
+from jax.core import Tracer
 from jaxtyping import Array, Float
 
 from ._activations import Activation
@@ -151,7 +151,7 @@ def _layer_flow(
 
 
 def _error_if_not_finite(index: int, W: Array, b: Array) -> tuple[Array, Array]:
-    if not isinstance(W, jax.core.Tracer) and not isinstance(b, jax.core.Tracer):
+    if not isinstance(W, Tracer) and not isinstance(b, Tracer):
         return W, b  # concrete weights were checked by `plain_net`
     message = f"layer {index} has a non-finite weight or bias; weights must be finite."
     W = eqx.error_if(W, ~jnp.all(jnp.isfinite(W)), message)

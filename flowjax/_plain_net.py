@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jaxtyping import Array, Float
 
 from ._activations import Activation, activation
@@ -211,7 +212,7 @@ def _check_finite(net: PlainNet) -> None:
     """Refuse NaN or Inf weights, naming the layer."""
     for index, layer in enumerate(net.layers):
         for name, value in (("W", layer.W), ("b", layer.b)):
-            if isinstance(value, jax.core.Tracer):
+            if isinstance(value, Tracer):
                 continue  # checked at run time by the consumers (eqx.error_if)
             bad = ~np.isfinite(np.asarray(value))
             if bad.any():

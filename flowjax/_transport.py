@@ -7,10 +7,10 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, PyTree, Scalar
+from jaxtyping import Array, ArrayLike, PyTree
 
 
-VectorField = Callable[[Scalar, Array, Any], Array]
+VectorField = Callable[..., Any]
 
 
 class Integrator(eqx.Module):
@@ -48,8 +48,8 @@ class Integrator(eqx.Module):
         self,
         vector_field: VectorField,
         y0: Array,
-        t0: ArrayLike,
-        t1: ArrayLike,
+        t0: float | Array,
+        t1: float | Array,
         args: PyTree = None,
         saveat: diffrax.SaveAt | None = None,
     ) -> diffrax.Solution:
@@ -98,8 +98,8 @@ def _error_if_failed(solution: diffrax.Solution, max_steps: int) -> diffrax.Solu
 def characteristics(
     vector_field: VectorField,
     x0: Array,
-    t0: ArrayLike,
-    t1: ArrayLike,
+    t0: float | Array,
+    t1: float | Array,
     args: PyTree = None,
     *,
     saveat: diffrax.SaveAt | None = None,
@@ -126,8 +126,8 @@ def characteristics(
 def flow_map(
     vector_field: VectorField,
     x: Array,
-    t0: ArrayLike,
-    t1: ArrayLike,
+    t0: float | Array,
+    t1: float | Array,
     args: PyTree = None,
     *,
     integrator: Integrator | None = None,
@@ -148,8 +148,8 @@ def solve_transport(
     terminal: Callable[[Array], Array],
     vector_field: VectorField,
     x: Array,
-    t: ArrayLike,
-    t1: ArrayLike,
+    t: float | Array,
+    t1: float | Array,
     args: PyTree = None,
     *,
     integrator: Integrator | None = None,
