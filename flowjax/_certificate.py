@@ -21,6 +21,7 @@ from ._refine import refine
 
 EXACT_FAMILY = ("relu", "leaky_relu", "identity")
 ROUNDING_ULPS = 100
+ORDER_SLACK = 0.25  # a fitted order outside 1 +- ORDER_SLACK gets a note
 
 
 class Certificate(NamedTuple):
@@ -148,4 +149,10 @@ def format_certificate(cert: Certificate, model_file: Path | str, source: str) -
             f"  fitted order {cert.order:.2f} over num_steps {steps} "
             "(Euler's method has order 1)"
         )
+        if abs(cert.order - 1.0) > ORDER_SLACK:
+            lines += [
+                "  far from 1: these num_steps are not yet asymptotic (try larger N),",
+                "  or the blocks are approximate ('linearized', 'newton'): their",
+                "  error does not vanish as num_steps grows",
+            ]
     return "\n".join(lines)
