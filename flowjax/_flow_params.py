@@ -124,14 +124,17 @@ def flow_parameters(
 
 
 def _ambient_dim(net: PlainNet, n: int | None) -> int:
-    needed = embedding_dim(net.widths, [layer.W for layer in net.layers])
+    weights = [layer.W for layer in net.layers]
     if n is None:
-        return needed
+        return embedding_dim(net.widths, weights)
     if n < max(net.widths):
         raise ValueError(
             f"n={n} is smaller than the widest layer ({max(net.widths)}); the "
             f"embedding dimension must be at least {max(net.widths)}."
         )
+    if any(isinstance(W, Tracer) for W in weights):
+        return n  # a layer with det W < 0 in n dimensions fails in layer_svd's check
+    needed = embedding_dim(net.widths, weights)
     if n < needed:
         raise ValueError(
             f"n={n} cannot hold this net's flow: a square layer of width {n} has "
