@@ -14,6 +14,11 @@ from ._activations import (
     sigma_s as sigma_s,
     sigma_s_inverse as sigma_s_inverse,
 )
+from ._certificate import (
+    Certificate as Certificate,
+    certify as certify,
+    fitted_order as fitted_order,
+)
 from ._classifier import FlowCoordinateMLP as FlowCoordinateMLP, FlowNet as FlowNet
 from ._fields import (
     activation_field as activation_field,
@@ -50,6 +55,11 @@ from ._plain_net import (
     PlainNet as PlainNet,
     plain_net as plain_net,
 )
+from ._refine import (
+    RefinedNet as RefinedNet,
+    refine as refine,
+    refinement_error as refinement_error,
+)
 from ._resnet import (
     AbstractBlock as AbstractBlock,
     AbstractStage as AbstractStage,
@@ -68,6 +78,12 @@ from ._resnet import (
     homotopy_weights as homotopy_weights,
     parameter_count as parameter_count,
     storage_bytes as storage_bytes,
+)
+from ._serialise import (
+    load_model as load_model,
+    read_header as read_header,
+    save_mlp as save_mlp,
+    save_refined as save_refined,
 )
 from ._time_scaling import TimeScaling as TimeScaling, time_scaling as time_scaling
 from ._training import (
