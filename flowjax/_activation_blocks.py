@@ -24,9 +24,10 @@ The ReLU family uses [`LeakyReluBlock`][] with the weights of
 
 A stage is discretized in its own homotopy parameter (math.md sec. 6 item 1): the
 grid `s_0 = 0 < s_1 < ... < s_K = 1` is uniform or the values `tau(k / K)` of a time
-scaling, and block `k` steps by `ds_k = s_{k+1} - s_k`. [`homotopy_grid`][] returns
-`s_k` together with `1 - s_k`, computed directly so that it keeps its relative
-precision where `s_k` rounds to 1.
+scaling, and block `k` steps by `ds_k = s_{k+1} - s_k`. [`homotopy_grid`][] rounds
+the grid to the model's dtype first and derives `1 - s_k` and `ds_k` from the rounded
+values, so that every block sees one consistent grid (the exact blocks are exact on
+any grid).
 """
 
 import math
@@ -49,40 +50,45 @@ from ._two_layer import leading_axis_size
 
 
 class HomotopyGrid(NamedTuple):
-    """Homotopy parameters of a stage of `K` steps, as float64 NumPy arrays.
-
-    `s`: `s_0 = 0, ..., s_K = 1`, shape `(K+1,)`; `one_minus_s`: `1 - s_k`, computed
-    directly; `ds`: the steps `s_{k+1} - s_k`, shape `(K,)`, taken as differences of
-    `one_minus_s` so that the last step equals `1 - s_{K-1}` exactly.
-    """
+    """Homotopy parameters of a stage of `K` steps, as NumPy arrays in the dtype of
+    the model: `s` (`s_0 = 0 < ... <= s_{K-1} < s_K = 1`, shape `(K+1,)`),
+    `one_minus_s` (`1 - s_k`, exact in floating point for `s_k >= 1/2`) and `ds`
+    (the steps `s_{k+1} - s_k`, shape `(K,)`). All three come from the same
+    rounded `s`, so every block sees one consistent grid."""
 
     s: np.ndarray
     one_minus_s: np.ndarray
-
-    @property
-    def ds(self) -> np.ndarray:
-        return self.one_minus_s[:-1] - self.one_minus_s[1:]
+    ds: np.ndarray
 
     @property
     def num_steps(self) -> int:
         return self.s.shape[0] - 1
 
 
-def homotopy_grid(num_steps: int, scaling: TimeScaling) -> HomotopyGrid:
+def homotopy_grid(
+    num_steps: int, scaling: TimeScaling, dtype: Any = np.float64
+) -> HomotopyGrid:
     """The grid `s_k = tau(k / K)`, `k = 0..K`, of one stage (math.md sec. 6 item 1).
 
-    With the `"linear"` scaling, `s_k = k / K` and `1 - s_k = (K - k) / K` to
-    rounding; otherwise `tau` and `1 - tau` are evaluated in the default float
-    dtype (float64 when enabled).
+    The homotopy blocks are exact on any grid, so the grid is taken as the values
+    of `tau` rounded to `dtype`, with `1 - s_k` and `ds_k` computed from them. Where
+    `tau(k / K)` rounds to 1 before the last point (the smooth scaling does so near
+    the end of the stage: 3 of 64 points in float32, 1 in float64), `s_k` is set to
+    the largest float below 1, so `1 - s_k > 0` and those blocks take steps of 0.
+    The last step is exactly `1 - s_{K-1}`.
     """
+    dtype = np.dtype(dtype)
     k = np.arange(num_steps + 1, dtype=np.float64)
     if scaling.name == "linear":
-        return HomotopyGrid(k / num_steps, (num_steps - k) / num_steps)
-    with jax.ensure_compile_time_eval():
-        t = jnp.asarray(k / num_steps)
-        s = np.asarray(scaling.tau(t), np.float64)
-        one_minus_s = np.asarray(scaling.one_minus_tau(t), np.float64)
-    return HomotopyGrid(s, one_minus_s)
+        tau = k / num_steps
+    else:
+        with jax.ensure_compile_time_eval():
+            tau = np.asarray(scaling.tau(jnp.asarray(k / num_steps)), np.float64)
+    one = np.asarray(1, dtype)
+    below_one = one - np.asarray(jnp.finfo(dtype).epsneg, dtype)
+    s = np.minimum(tau.astype(dtype), below_one)
+    s = np.append(np.maximum.accumulate(s[:-1]), one)
+    return HomotopyGrid(s, one - s, s[1:] - s[:-1])
 
 
 def relu_family_weights(grid: HomotopyGrid, negative_slope: float) -> np.ndarray:
@@ -91,8 +97,9 @@ def relu_family_weights(grid: HomotopyGrid, negative_slope: float) -> np.ndarray
     Block `k` is `z + alpha_k (sigma(z) - z)` (eq. 56-58): on negatives the
     homotopy has slope `(1 - s) + a s`, so the step from `s_k` to `s_{k+1}`
     multiplies `z` by `1 - alpha_k (1 - a)` with this `alpha_k`; positives stay.
-    On the uniform grid `alpha_k = 1 / (K - k (1 - a))` (`1 / (K - k)` for ReLU)
-    and the last weight is exactly 1, so the stage is `sigma` to the last bit.
+    On the uniform grid `alpha_k = 1 / (K - k (1 - a))` (`1 / (K - k)` for ReLU).
+    For ReLU the last weight is exactly 1 on every grid, so the stage is `relu`
+    to the last bit. Computed in the grid's dtype.
     """
     s, one_minus_s = grid.s[:-1], grid.one_minus_s[:-1]
     return grid.ds / (one_minus_s + negative_slope * s)
@@ -113,7 +120,11 @@ def is_identity(sigma: Activation) -> bool:
     """Whether `sigma` is the identity (then the activation stage is empty)."""
     if sigma.name == "identity":
         return True
-    return sigma.kind == "piecewise_linear" and all(c == 1.0 for c in sigma.slopes)
+    return (
+        sigma.kind == "piecewise_linear"
+        and sigma.value_at_zero == 0.0
+        and all(c == 1.0 for c in sigma.slopes)
+    )
 
 
 # Shared pieces

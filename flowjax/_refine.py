@@ -44,7 +44,7 @@ from ._flow_params import (
     flow_parameters,
 )
 from ._linalg import embed_layer
-from ._plain_net import plain_net
+from ._plain_net import PlainNet, plain_net
 from ._resnet import (
     AbstractStage,
     Chain,
@@ -125,6 +125,8 @@ class RefinedNet(eqx.Module):
                 f"the refined network takes inputs of shape {(d_in,)} "
                 f"({self.in_size!r} in eqx.nn.MLP's terms), got shape {x.shape}."
             )
+        if self.width_in == d_in:
+            return x
         return jnp.zeros(self.width_in, x.dtype).at[:d_in].set(x)
 
     def readout(self, y: Float[Array, " width"]) -> Array:
@@ -181,7 +183,8 @@ def refine(
       steps `ds = 1/K`; another scaling (`"smooth"`, `"cubic"` or a
       `TimeScaling`) steps by the increments `tau(t_{k+1}) - tau(t_k)` of a
       uniform grid `t_k` (never by `tau'(t_k) / K`, which does nothing at
-      `K = 1`). Uniform steps are about 1.6 times more accurate on the rotations.
+      `K = 1`). Uniform steps are 1.6 to 4 times more accurate on the rotations
+      (measured), so they are the default.
     - `stretch`: the stretch blocks for `linear="flow"`: `"implicit"` (default;
       implicit Euler on contracting directions, explicit on expanding ones:
       first order and stable for every `K`), `"exact"` (the diagonal exponential,
@@ -205,18 +208,19 @@ def refine(
     K = _check_num_steps(num_steps)
     _check_options(linear, activation, newton_steps, stretch, tied)
     scaling = get_time_scaling(time_scaling)
-    grid = homotopy_grid(K, scaling)
+    grids = _Grids(K, scaling)
     options = _ActivationOptions(
         activation,
         DEFAULT_NEWTON_STEPS if newton_steps is None else newton_steps,
         _check_reference_point(reference_point),
     )
     if linear == "whole":
-        stages, width_in, n = _whole_stages(model, n, grid, options)
-        in_size, out_size = _sizes(model)
+        net = plain_net(model)
+        stages, width_in = _whole_stages(net, n, grids, options)
+        in_size, out_size = net.in_size, net.out_size
     else:
         flow = flow_parameters(model, kappa=kappa, n=n)
-        stages = _flow_stages(flow.layers, grid, options, stretch, tied)
+        stages = _flow_stages(flow.layers, grids, options, stretch, tied)
         width_in, n, in_size, out_size = flow.n, flow.n, flow.in_size, flow.out_size
     return RefinedNet(Chain(stages), in_size, out_size, width_in, n, K, linear)
 
@@ -298,21 +302,31 @@ def _check_reference_point(c: Any) -> float:
     return float(c)
 
 
-def _sizes(model: Any) -> tuple[Any, Any]:
-    net = plain_net(model)
-    return net.in_size, net.out_size
-
-
 # Building the stages
 
 
+class _Grids:
+    """The homotopy grid of `num_steps` steps, one per dtype (sec. 4.2)."""
+
+    def __init__(self, num_steps: int, scaling: TimeScaling):
+        self.num_steps, self.scaling = num_steps, scaling
+        self._cache: dict[Any, HomotopyGrid] = {}
+
+    def __call__(self, dtype: Any) -> HomotopyGrid:
+        key = jnp.dtype(dtype)
+        if key not in self._cache:
+            self._cache[key] = homotopy_grid(self.num_steps, self.scaling, key)
+        return self._cache[key]
+
+
 def _activation_stage(
-    sigma: Activation, grid: HomotopyGrid, options: _ActivationOptions, dtype: Any
+    sigma: Activation, grids: "_Grids", options: _ActivationOptions, dtype: Any
 ) -> AbstractStage | None:
     """The `K` activation blocks of one layer (eq. 54-72), or `None` for the
     identity."""
     if is_identity(sigma):
         return None
+    grid = grids(dtype)
     a = leaky_slope(sigma)
     if a is not None:
         alpha = jnp.asarray(relu_family_weights(grid, a), dtype)
@@ -333,10 +347,12 @@ def _activation_stage(
 
 
 def _whole_stages(
-    model: Any, n: int | None, grid: HomotopyGrid, options: _ActivationOptions
-) -> tuple[list[AbstractStage], int, int | None]:
-    """`LinearMap(W, b)` then the activation blocks, per layer (eq. 51, 54-72)."""
-    net = plain_net(model)
+    net: PlainNet, n: int | None, grids: "_Grids", options: _ActivationOptions
+) -> tuple[list[AbstractStage], int]:
+    """`LinearMap(W, b)` then the activation blocks, per layer (eq. 51, 54-72).
+
+    Without `n` each map keeps the layer's own shape `(m, d)`: the same products
+    as the plain net, and no padded coordinates to carry."""
     if n is not None:
         _check_whole_n(n, net.widths)
     stages: list[AbstractStage] = []
@@ -345,11 +361,10 @@ def _whole_stages(
         if n is not None:
             W, b = embed_layer(W, b, n)
         stages.append(LinearMap(W, b))
-        activation = _activation_stage(layer.sigma, grid, options, W.dtype)
+        activation = _activation_stage(layer.sigma, grids, options, W.dtype)
         if activation is not None:
             stages.append(activation)
-    width_in = net.widths[0] if n is None else n
-    return stages, width_in, n
+    return stages, net.widths[0] if n is None else n
 
 
 def _check_whole_n(n: Any, widths: tuple[int, ...]) -> None:
@@ -359,15 +374,15 @@ def _check_whole_n(n: Any, widths: tuple[int, ...]) -> None:
         )
 
 
-def _linear_schedule(grid: HomotopyGrid, dtype: Any) -> Array:
+def _linear_schedule(grid: HomotopyGrid) -> Array:
     """Per-block coefficients `c_k = K ds_k` of the tied linear stages on the
     uniform grid `t_k = k / K`, so that block `k` steps by `ds_k` (eq. 52)."""
-    return jnp.asarray(grid.num_steps * grid.ds, dtype)
+    return jnp.asarray(grid.num_steps * grid.ds)
 
 
 def _flow_stages(
     layers: tuple[LayerFlow, ...],
-    grid: HomotopyGrid,
+    grids: "_Grids",
     options: _ActivationOptions,
     stretch: Any,
     tied: bool,
@@ -376,7 +391,7 @@ def _flow_stages(
     the activation blocks (eq. 54-72), each stage of `K` blocks."""
     stages: list[AbstractStage] = []
     for layer in layers:
-        c = _linear_schedule(grid, layer.W.dtype)
+        c = _linear_schedule(grids(layer.W.dtype))
         linear = [
             LinearStage(layer.Q, c),
             StretchStage(layer.lam, c, scheme=stretch),
@@ -384,7 +399,7 @@ def _flow_stages(
             TranslationStage(layer.b, c),
         ]
         stages.extend(linear if tied else [stage.untie() for stage in linear])
-        activation = _activation_stage(layer.sigma, grid, options, layer.W.dtype)
+        activation = _activation_stage(layer.sigma, grids, options, layer.W.dtype)
         if activation is not None:
             stages.append(activation)
     return stages
