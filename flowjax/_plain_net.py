@@ -1,5 +1,6 @@
 """Reading a plain network as a list of layers x -> sigma(W x + b) (eq. 18)."""
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -103,11 +104,27 @@ def _from_mlp(mlp: eqx.nn.MLP) -> PlainNet:
     linears = _mlp_linears(mlp)
     hidden = _mlp_activation(mlp.activation, "activation")
     final = _mlp_activation(mlp.final_activation, "final_activation")
+    if mlp.depth == 0 and _mlp_skips_final_activation_at_depth_zero():
+        final = activation("identity")
     sigmas = [hidden] * (len(linears) - 1) + [final]
     layers = tuple(
         _layer_from_linear(lin, sig) for lin, sig in zip(linears, sigmas, strict=True)
     )
     return PlainNet(layers, mlp.in_size, mlp.out_size)
+
+
+@functools.cache
+def _mlp_skips_final_activation_at_depth_zero() -> bool:
+    """Whether this equinox's `MLP` returns `layer(x)` alone when `depth == 0`.
+
+    Some equinox versions skip `final_activation` there; flowjax mirrors what the MLP
+    computes, checked once on a probe.
+    """
+    probe = eqx.nn.MLP(
+        1, 1, 1, 0, final_activation=lambda v: v + 1.0, key=jax.random.key(0)
+    )
+    x = jnp.ones(1)
+    return bool(jnp.all(probe(x) == probe.layers[0](x)))
 
 
 def _mlp_linears(mlp: eqx.nn.MLP) -> list[eqx.nn.Linear]:
