@@ -43,7 +43,7 @@ from ._flow_params import (
     _error_if_not_finite,
     flow_parameters,
 )
-from ._linalg import embed_layer
+from ._linalg import _check_kappa, embed_layer
 from ._plain_net import PlainNet, plain_net
 from ._resnet import (
     AbstractStage,
@@ -125,9 +125,13 @@ class RefinedNet(eqx.Module):
                 f"the refined network takes inputs of shape {(d_in,)} "
                 f"({self.in_size!r} in eqx.nn.MLP's terms), got shape {x.shape}."
             )
+        dtype = jnp.result_type(
+            x, *jax.tree.leaves(eqx.filter(self.chain, eqx.is_inexact_array))
+        )
+        x = x.astype(dtype)
         if self.width_in == d_in:
             return x
-        return jnp.zeros(self.width_in, x.dtype).at[:d_in].set(x)
+        return jnp.zeros(self.width_in, dtype).at[:d_in].set(x)
 
     def readout(self, y: Float[Array, " width"]) -> Array:
         """The plain net's output: the first entries of the last state."""
@@ -207,6 +211,7 @@ def refine(
     """
     K = _check_num_steps(num_steps)
     _check_options(linear, activation, newton_steps, stretch, tied)
+    _check_kappa(kappa)
     scaling = get_time_scaling(time_scaling)
     grids = _Grids(K, scaling)
     options = _ActivationOptions(

@@ -698,3 +698,18 @@ def test_serialisation_round_trip(rng, options):
     assert isinstance(loaded, RefinedNet)
     xs = _inputs(rng, 3, 4)
     np.testing.assert_array_equal(_apply(loaded, xs), _apply(refined, xs))
+
+
+def test_integer_input_is_promoted():
+    """An integer input is read as the weights' float dtype, never truncated."""
+    mlp = eqx.nn.MLP(4, 3, 8, 2, key=jax.random.key(0), dtype=jnp.float32)
+    x = jnp.array([1, 2, -1, 3], jnp.int32)
+    out = refine(mlp, 2)(x)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, mlp(x.astype(jnp.float32)), atol=1e-6)
+
+
+def test_whole_checks_kappa():
+    mlp = eqx.nn.MLP(4, 3, 8, 2, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="kappa"):
+        refine(mlp, 2, kappa=0.0)
