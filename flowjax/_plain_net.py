@@ -120,11 +120,12 @@ def _mlp_skips_final_activation_at_depth_zero() -> bool:
     Some equinox versions skip `final_activation` there; flowjax mirrors what the MLP
     computes, checked once on a probe.
     """
-    probe = eqx.nn.MLP(
-        1, 1, 1, 0, final_activation=lambda v: v + 1.0, key=jax.random.key(0)
-    )
-    x = jnp.ones(1)
-    return bool(jnp.all(probe(x) == probe.layers[0](x)))
+    with jax.ensure_compile_time_eval():
+        probe = eqx.nn.MLP(
+            1, 1, 1, 0, final_activation=lambda v: v + 1.0, key=jax.random.key(0)
+        )
+        x = jnp.ones(1)
+        return bool(jnp.all(probe(x) == probe.layers[0](x)))
 
 
 def _mlp_linears(mlp: eqx.nn.MLP) -> list[eqx.nn.Linear]:
