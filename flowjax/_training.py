@@ -27,7 +27,10 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
+
+from ._sharding import DataParallel, data_parallel
 
 
 Task = Literal["classification", "regression"]
@@ -423,9 +426,16 @@ class TrainingDivergedError(FloatingPointError):
 
 
 def _make_step(
-    static: PyTree, optimizer: optax.GradientTransformation, objective: _Objective
+    static: PyTree,
+    optimizer: optax.GradientTransformation,
+    objective: _Objective,
+    layout: DataParallel | None = None,
 ) -> Callable:
-    """One jit-compiled optimizer step on the batch `perm[b*B:(b+1)*B]` of `(X, y)`."""
+    """One jit-compiled optimizer step on the batch `perm[b*B:(b+1)*B]` of `(X, y)`.
+
+    With a `layout`, the batch is split over the mesh's batch axes and parameters
+    and optimizer state keep their layout (XLA adds the gradient all-reduce).
+    """
 
     def loss(params, x, y):
         return objective(eqx.combine(params, static), x, y)
@@ -433,9 +443,13 @@ def _make_step(
     def step(params, opt_state, data: _Data, perm, start, batch_size: int):
         index = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
         x, y = data.X[index], data.y[index]
+        if layout is not None:
+            x, y = layout.shard_batch((x, y))
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, x, y)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if layout is not None:
+            params, opt_state = layout.constrain_state((params, opt_state))
         leaves = jax.tree.leaves(grads) + [metrics["loss"]]
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
         return params, opt_state, metrics, finite
@@ -552,13 +566,15 @@ def _diverged(step, metrics, good, static, history) -> TrainingDivergedError:
 def _train_loop(step_fn, data, key, start, total, state, static, history, hooks):
     """Run steps `start..total-1`; returns the final `(params, opt_state)`."""
     params, opt_state = state
-    steps_per_epoch, callback, saver = hooks
+    steps_per_epoch, callback, saver, layout = hooks
     batch_size = saver.run.batch_size
     good, perm, clock = state, None, time.perf_counter()
     for step in range(start, total):
         epoch, batch = divmod(step, steps_per_epoch)
         if perm is None or batch == 0:
             perm = _permutation(key, epoch, data.X.shape[0])
+            if layout is not None:
+                perm = layout.replicate(perm)
         out = step_fn(params, opt_state, data, perm, batch * batch_size, batch_size)
         # TODO(issue 5): one host sync a step (NaN check, history, callback); for
         # tiny models a lax.scan over several steps would cut the dispatch cost.
@@ -593,6 +609,7 @@ def fit(
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    mesh: Mesh | Literal["auto"] | None = None,
 ) -> FitResult:
     """Fit `model` to `data = (X, y)`: the inverse problem of the transport equation.
 
@@ -633,6 +650,13 @@ def fit(
       given) and at the end.
     - `resume`: continue from `checkpoint_path` if the file exists (otherwise start
       afresh). The result is bit-identical to an uninterrupted run.
+    - `mesh`: `None` (one device), `"auto"` (all visible devices) or a
+      `jax.sharding.Mesh` (e.g. `flowjax.make_mesh(model=2)`): data-parallel
+      training, each batch split along its first axis over the mesh axes other
+      than `"model"` (`batch_size` must be a multiple of their size), the data
+      replicated, parameters and optimizer state replicated or, along a
+      `"model"` axis, split as `flowjax.param_spec` says. The same steps as on one
+      device up to the order of float additions (see `flowjax._sharding`).
 
     **Returns:** a `FitResult` `(model, opt_state, history)`.
 
@@ -658,6 +682,9 @@ def fit(
     total = _total_steps(steps, epochs, steps_per_epoch)
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be positive, got {checkpoint_every}.")
+    # TODO(issue 7): checkpoints gather every array on the host; on several hosts
+    # with "model"-split parameters each process should write its own shards.
+    layout = None if mesh is None else data_parallel(mesh, batch_size)
 
     params, static = eqx.partition(model, _trainable_spec(model))
     opt_state = optimizer.init(params)
@@ -676,8 +703,13 @@ def fit(
             checkpoint_path, params, opt_state, run, total
         )
 
-    step_fn = _make_step(static, optimizer, _Objective(task, kinetic, smoothness))
-    hooks = (steps_per_epoch, callback, _Saver(checkpoint_path, checkpoint_every, run))
+    if layout is not None:
+        params, opt_state = layout.place_state((params, opt_state))
+        checked = layout.replicate(checked)
+    objective = _Objective(task, kinetic, smoothness)
+    step_fn = _make_step(static, optimizer, objective, layout)
+    saver = _Saver(checkpoint_path, checkpoint_every, run)
+    hooks = (steps_per_epoch, callback, saver, layout)
     params, opt_state = _train_loop(
         step_fn, checked, key, start, total, (params, opt_state), static, history, hooks
     )
