@@ -74,7 +74,8 @@ def _check_rows(payload: dict, markdown: str, expected_rows: int) -> list[dict]:
 
 def test_euler_rows_agree_and_count_flops(euler_run):
     payload, markdown = euler_run
-    rows = _check_rows(payload, markdown, expected_rows=6)  # 3 pairs x 2 modes
+    # 3 pairs forward, 4 with the backward pass (checkpointed ResNet vs diffrax)
+    rows = _check_rows(payload, markdown, expected_rows=7)
     assert "### 1. Fixed-step Euler ResNet" in markdown
     for row in rows:
         extra = row["extra"]
@@ -160,14 +161,15 @@ def test_time_calls_takes_the_median_of_bounded_rounds():
     settings = TimingSettings(warmup=2, min_runs=3, max_runs=4, budget_s=10.0)
     times = time_calls([lambda: calls.append("a"), lambda: calls.append("b")], settings)
     assert [t.runs for t in times] == [4, 4]
-    assert calls == ["a", "b"] * 6  # 2 warm-up rounds, then 4 timed rounds
+    # 2 warm-up rounds, then 4 timed rounds, each starting at the next call.
+    assert calls == ["a", "b"] * 2 + ["a", "b", "b", "a"] * 2
     calls.clear()
     time_calls(
         [lambda: calls.append("a"), lambda: calls.append("b")],
         TimingSettings(warmup=1, min_runs=3, max_runs=3),
         warm=(True, False),
     )
-    assert calls == ["a"] + ["a", "b"] * 3
+    assert calls == ["a"] + ["a", "b", "b", "a", "a", "b"]
 
 
 def test_fitted_exponent_recovers_a_power_law():

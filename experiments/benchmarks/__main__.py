@@ -44,7 +44,7 @@ FULL = Suite(
     adaptive.FULL,
     refining.FULL_REFINE,
     refining.FULL_FORWARD,
-    TimingSettings(warmup=2, min_runs=5, max_runs=30, budget_s=0.5),
+    TimingSettings(warmup=2, min_runs=5, max_runs=60, budget_s=1.0),
     TimingSettings(warmup=1, min_runs=3, max_runs=30, budget_s=3.0),
 )
 TINY = Suite(

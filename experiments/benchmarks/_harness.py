@@ -79,21 +79,30 @@ def time_calls(
     `settings.warmup` untimed rounds first, skipping the calls whose `warm` flag
     is false (a SciPy or PyTorch call has nothing to compile). The number of
     timed rounds comes from the first timed round: as many as fit in
-    `settings.budget_s`, clipped to `[min_runs, max_runs]`.
+    `settings.budget_s`, clipped to `[min_runs, max_runs]`. Round `r` starts at
+    call `r mod len(calls)`, so no call always runs first.
     """
     warm = [True] * len(calls) if warm is None else list(warm)
     for _ in range(settings.warmup):
         for call, flag in zip(calls, warm, strict=True):
             if flag:
                 call()
-    times = [[_seconds(call)] for call in calls]
+    times: list[list[float]] = [[] for _ in calls]
+    _timed_round(calls, times, 0)
     per_round = max(sum(t[0] for t in times), 1e-9)
     runs = int(settings.budget_s / per_round)
     runs = min(max(runs, settings.min_runs), settings.max_runs)
-    for _ in range(runs - 1):
-        for record, call in zip(times, calls, strict=True):
-            record.append(_seconds(call))
+    for r in range(1, runs):
+        _timed_round(calls, times, r)
     return [Measurement(statistics.median(t), runs, min(t)) for t in times]
+
+
+def _timed_round(
+    calls: Sequence[Callable[[], Any]], times: list[list[float]], r: int
+) -> None:
+    for i in range(len(calls)):
+        j = (r + i) % len(calls)
+        times[j].append(_seconds(calls[j]))
 
 
 # Result rows

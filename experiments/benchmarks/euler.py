@@ -12,7 +12,9 @@ of `B` states, float32:
   gradient of the unbatched parameters one copy per sample);
 - a Python loop of the same `K` steps, unrolled under `jit`, vmapped;
 - the bare chain `Y <- Y + (Y W1_k^T) W2_k^T` under `lax.scan`: the matrix
-  products alone, the practical limit.
+  products alone, the practical limit;
+- for forward+backward also flowjax's `EulerResNet(..., checkpoint=True)`, which
+  recomputes each step in the backward pass as diffrax's default adjoint does.
 
 FLOP count (stated, not measured): the two matrix products of a step cost
 `2 B n m` multiply-adds each, so a forward pass is `4 B n m K` flops; the backward
@@ -41,6 +43,7 @@ SECTION = "1. Fixed-step Euler ResNet"
 FIELD = TwoLayerField(jnp.tanh)
 SIDES = {
     "flowjax": "EulerResNet (lax.scan)",
+    "flowjax_checkpoint": "EulerResNet(checkpoint=True)",
     "diffrax": "diffrax.diffeqsolve(Euler, ConstantStepSize)",
     "loop": "Python loop, unrolled under jit",
     "chain": "bare matmul chain (lax.scan)",
@@ -90,6 +93,12 @@ TINY = (EulerConfig(2, 4, 8, 4),)
 def flowjax_resnet(p: TwoLayerParams, Y: jax.Array) -> jax.Array:
     """flowjax's scanned Euler ResNet on each state of the batch."""
     return jax.vmap(EulerResNet(FIELD, p))(Y)
+
+
+def flowjax_resnet_checkpointed(p: TwoLayerParams, Y: jax.Array) -> jax.Array:
+    """The same ResNet with each step under `jax.checkpoint` (recomputed in the
+    backward pass instead of stored)."""
+    return jax.vmap(EulerResNet(FIELD, p, checkpoint=True))(Y)
 
 
 def diffrax_euler(p: TwoLayerParams, Y: jax.Array) -> jax.Array:
@@ -146,6 +155,7 @@ IMPLEMENTATIONS: dict[str, Callable[[TwoLayerParams, jax.Array], jax.Array]] = {
     "diffrax": diffrax_euler,
     "loop": unrolled_loop,
     "chain": matmul_chain,
+    "flowjax_checkpoint": flowjax_resnet_checkpointed,  # forward+backward only
 }
 
 
@@ -181,7 +191,11 @@ def _measure_mode(
     Returns the measurements, the compile seconds and the outputs by name.
     """
     p, Y = problem(cfg)
-    names = [name for name in IMPLEMENTATIONS if cfg.loop or name != "loop"]
+    names = [
+        name
+        for name in IMPLEMENTATIONS
+        if (cfg.loop or name != "loop") and (backward or name != "flowjax_checkpoint")
+    ]
     compiled, compile_s, outputs = {}, {}, {}
     for name in names:
         fn = IMPLEMENTATIONS[name]
@@ -196,45 +210,55 @@ def _gflops(cfg: EulerConfig, backward: bool, seconds: float) -> float:
     return cfg.flops(backward) / seconds / 1e9
 
 
+def _pairs(backward: bool) -> list[tuple[str, str]]:
+    """`(ours, theirs)` names of the rows of one mode."""
+    pairs = [("flowjax", "diffrax"), ("flowjax", "loop"), ("flowjax", "chain")]
+    if backward:
+        pairs.append(("flowjax_checkpoint", "diffrax"))
+    return pairs
+
+
+def _target(cfg: EulerConfig, theirs: str) -> float | None:
+    if theirs == "chain":
+        return TARGET_CHAIN
+    if theirs == "diffrax":
+        return TARGET_DIFFRAX_BATCH_1 if cfg.B == 1 else TARGET_DIFFRAX
+    return None
+
+
 def _rows_for_mode(
     cfg: EulerConfig, backward: bool, timing: TimingSettings
 ) -> list[Row]:
     times, compile_s, outputs = _measure_mode(cfg, backward, timing)
     benchmark = "forward+backward" if backward else "forward"
-    ours = times["flowjax"]
-    gf_ours = _gflops(cfg, backward, ours.median_s)
     rows = []
-    for name in ("diffrax", "loop", "chain"):
-        if name not in times:
+    for ours, theirs in _pairs(backward):
+        if theirs not in times:
             continue
-        gf_other = _gflops(cfg, backward, times[name].median_s)
+        gf_ours = _gflops(cfg, backward, times[ours].median_s)
+        gf_other = _gflops(cfg, backward, times[theirs].median_s)
         extra: dict[str, Any] = {
             "flops": cfg.flops(backward),
             "gflops_flowjax": gf_ours,
             "gflops_other": gf_other,
         }
         notes = f"GFLOP/s {gf_ours:.3g} vs {gf_other:.3g}"
-        if name == "chain":
-            target = TARGET_CHAIN
+        if theirs == "chain":
             extra["throughput_fraction"] = gf_ours / gf_other
             notes += f" ({gf_ours / gf_other:.0%} of the chain)"
         else:
-            diff = _max_abs(outputs["flowjax"], outputs[name])
+            diff = _max_abs(outputs[ours], outputs[theirs])
             extra["max_abs_diff"] = diff
             notes += f"; max abs diff {diff:.1e}"
-            single = cfg.B == 1
-            target = None
-            if name == "diffrax":
-                target = TARGET_DIFFRAX_BATCH_1 if single else TARGET_DIFFRAX
         rows.append(
             make_row(
                 SECTION,
                 benchmark,
-                (SIDES["flowjax"], SIDES[name]),
+                (SIDES[ours], SIDES[theirs]),
                 cfg.shapes,
-                (ours, times[name]),
-                target=target,
-                compile_s=(compile_s["flowjax"], compile_s[name]),
+                (times[ours], times[theirs]),
+                target=_target(cfg, theirs),
+                compile_s=(compile_s[ours], compile_s[theirs]),
                 notes=notes,
                 extra=extra,
             )

@@ -5,10 +5,10 @@ linear algebra: embedding, proper SVD, rotation logarithms, eq. 19-23) compiled
 for a fixed shape, against a NumPy/SciPy pipeline doing the same linear algebra
 per layer: zero-padding into `R^n`, `scipy.linalg.svd`, the determinant fixes of
 a proper SVD, `lam = log s` (`-kappa` on null directions) and
-`scipy.linalg.logm` of both rotations (real part). The MLPs are one square ReLU
-layer `w -> w` (`eqx.nn.MLP` of depth 0; the cost is per layer, so deeper nets
-scale it by their number of layers), float32; `n = w + 1`, as `refine` picks
-under `jit` for a square layer.
+`scipy.linalg.logm` of both rotations (real part). The nets are one square ReLU
+layer `relu(W x + b)`, `W: (w, w)` (an `eqx.nn.Sequential`; the cost is per
+layer, so deeper nets scale it by their number of layers), float32; `n = w + 1`,
+as `refine` picks under `jit` for a square layer.
 
 Section 4 times the forward pass of `refine(mlp, K, linear=...)` against the
 plain MLP on the same batch, and reports storage tied against untied.
@@ -49,8 +49,8 @@ TARGET_WHOLE = 1.3
 
 @dataclasses.dataclass(frozen=True)
 class RefineConfig:
-    """Widths of the one-layer MLPs `w -> w`; `K` steps per stage; the exponent is
-    fitted on the widths `>= fit_from`."""
+    """Widths `w` of the one-layer nets `relu(W x + b)`, `W: (w, w)`; `K` steps
+    per stage; the exponent is fitted on the widths `>= fit_from`."""
 
     widths: tuple[int, ...]
     num_steps: int = 8
@@ -75,25 +75,18 @@ FULL_FORWARD = ForwardConfig(64, (64, 512), 64, 256, (1, 8, 32, 128))
 TINY_FORWARD = ForwardConfig(3, (5,), 5, 4, (1, 4))
 
 
-def square_mlp(width: int, seed: int = 0) -> eqx.nn.MLP:
-    """A float32 MLP of one ReLU layer `relu(W x + b)`, `W: (width, width)`."""
-    return eqx.nn.MLP(
-        width,
-        width,
-        width,
-        0,
-        final_activation=jax.nn.relu,
-        dtype=jnp.float32,
-        key=jr.key(seed),
-    )
+def relu_layer(width: int, seed: int = 0) -> eqx.nn.Sequential:
+    """One float32 layer `relu(W x + b)`, `W: (width, width)`."""
+    linear = eqx.nn.Linear(width, width, dtype=jnp.float32, key=jr.key(seed))
+    return eqx.nn.Sequential([linear, eqx.nn.Lambda(jax.nn.relu)])
 
 
 # Section 3
 
 
 def refine_arrays(num_steps: int, static: Any):
-    """`arrays -> refine(mlp, num_steps, linear="flow")` for `jit`, where
-    `(arrays, static)` is the partition of the MLP."""
+    """`arrays -> refine(net, num_steps, linear="flow")` for `jit`, where
+    `(arrays, static)` is the partition of the plain net."""
 
     def fn(arrays):
         return refine(eqx.combine(arrays, static), num_steps, linear="flow")
@@ -151,8 +144,13 @@ def scipy_pipeline(layers: list[tuple[np.ndarray, np.ndarray]], n: int) -> list:
     return [scipy_layer_generators(W, b, n) for W, b in layers]
 
 
-def _numpy_layers(mlp: eqx.nn.MLP) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(np.asarray(L.weight), np.asarray(L.bias)) for L in mlp.layers]
+def _numpy_layers(net: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`(W, b)` of each `eqx.nn.Linear` of an MLP or a Sequential, as NumPy."""
+    return [
+        (np.asarray(L.weight), np.asarray(L.bias))
+        for L in net.layers
+        if isinstance(L, eqx.nn.Linear)
+    ]
 
 
 def _reconstruction_error(Q: Any, lam: Any, P: Any, W_hat: Any) -> float:
@@ -181,12 +179,12 @@ def _reconstruction_errors(
 
 
 def _refine_row(width: int, cfg: RefineConfig, timing: TimingSettings) -> Row:
-    mlp = square_mlp(width)
-    arrays, static = eqx.partition(mlp, eqx.is_array)
+    net = relu_layer(width)
+    arrays, static = eqx.partition(net, eqx.is_array)
     compiled, compile_s = compile_jax(refine_arrays(cfg.num_steps, static), arrays)
     refined = compiled(arrays)
     n = refined.n
-    layers = _numpy_layers(mlp)
+    layers = _numpy_layers(net)
     ours, theirs = time_calls(
         [blocking(compiled, arrays), lambda: scipy_pipeline(layers, n)],
         timing,
@@ -204,7 +202,7 @@ def _refine_row(width: int, cfg: RefineConfig, timing: TimingSettings) -> Row:
         SECTION_REFINE,
         "refine time",
         (
-            f'refine(mlp, {cfg.num_steps}, linear="flow"), jit',
+            f'refine(net, {cfg.num_steps}, linear="flow"), jit',
             "NumPy/SciPy: svd + 2 logm a layer",
         ),
         f"one ReLU layer {width}-{width}, n={n}",
