@@ -30,3 +30,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff pyright
 	$(BIN)/ruff format --check . && $(BIN)/ruff check . && $(BIN)/pyright
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -m experiments.benchmarks $(ARGS)

@@ -85,6 +85,16 @@ from ._serialise import (
     save_mlp as save_mlp,
     save_refined as save_refined,
 )
+from ._sharding import (
+    add_distributed_flag as add_distributed_flag,
+    as_mesh as as_mesh,
+    cast_tree as cast_tree,
+    evaluate_sharded as evaluate_sharded,
+    make_mesh as make_mesh,
+    maybe_initialize_distributed as maybe_initialize_distributed,
+    param_spec as param_spec,
+    refine_many as refine_many,
+)
 from ._time_scaling import TimeScaling as TimeScaling, time_scaling as time_scaling
 from ._training import (
     FitResult as FitResult,
