@@ -210,10 +210,12 @@ def write_model_file(
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
     }
     line = json.dumps(full, sort_keys=True).encode() + b"\n"
-    _write_atomic(Path(path), MAGIC + line + payload)
+    write_atomic(Path(path), MAGIC + line + payload)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, flushed
+    and renamed into place, so `path` never holds a partial file."""
     directory = path.parent if str(path.parent) else Path(".")
     fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple, get_args
@@ -30,6 +29,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
+from ._serialise import write_atomic
 from ._sharding import DataParallel, data_parallel
 
 
@@ -306,23 +306,7 @@ def save_checkpoint(
         "payload_sha256": hashlib.sha256(data).hexdigest(),
     }
     head = _MAGIC + json.dumps({**header, **meta}).encode() + b"\n"
-    _write_atomic(path, head + data)
-
-
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    write_atomic(path, head + data)
 
 
 def load_checkpoint(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, dict]:
