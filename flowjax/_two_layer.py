@@ -122,7 +122,10 @@ def two_layer_velocity(
             f"({params.state_dim},) to match W1 of shape {params.W1.shape}; vmap "
             "over a batch of states"
         )
-    return params.W2 @ sigma(params.W1 @ y + params.b1) + params.b2
+    # Row form `y W1^T`: under `vmap` the batch stays the leading axis of each
+    # product, with no transposes between the blocks of a ResNet.
+    h = sigma(y @ params.W1.T + params.b1)
+    return h @ params.W2.T + params.b2
 
 
 class GridParams(eqx.Module):
