@@ -210,9 +210,66 @@ def test_skew_log_vmap_matches_loop_and_jit(rng):
         )
 
 
-def test_skew_log_non_finite_gives_nan():
-    R = jnp.eye(3).at[0, 1].set(jnp.nan)
-    assert bool(jnp.all(jnp.isnan(jax.jit(skew_log)(R))))
+# `eqx.error_if` raises EquinoxRuntimeError under eqx.filter_jit; under jax.jit the
+# exception type of a failed callback varies (JaxRuntimeError, ValueError), so the
+# tests match the message only.
+RUNTIME_ERRORS = Exception
+
+
+def _reflection(rng, n):
+    R = random_rotation(rng, n)
+    R[:, 0] = -R[:, 0]
+    return R
+
+
+def _not_rotations(rng, n=4):
+    """Inputs that are not rotations, with the message each one must give."""
+    return [
+        (np.eye(n) * (1 + 1e-3), "not orthogonal"),
+        (rng.standard_normal((n, n)), "not orthogonal"),
+        (_reflection(rng, n), "det R"),
+        (np.where(np.eye(n) == 1, np.inf, 0.0), "non-finite"),
+        (np.full((n, n), np.nan), "non-finite"),
+    ]
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 3), (3,), ()])
+def test_skew_log_refuses_non_square_shapes(shape):
+    with pytest.raises(ValueError, match=rf"shape \({shape[0] if shape else ''}"):
+        skew_log(jnp.ones(shape))
+    with pytest.raises(ValueError, match="square matrix of shape \\(n, n\\)"):
+        jax.jit(skew_log)(jnp.ones(shape))
+
+
+def test_skew_log_refuses_non_rotations_eagerly(rng):
+    for R, fragment in _not_rotations(rng):
+        for dtype in (jnp.float32, jnp.float64):
+            with pytest.raises(ValueError, match=fragment) as err:
+                skew_log(jnp.asarray(R, dtype))
+            assert "R^T R = I" in str(err.value)  # says what is allowed
+
+
+def test_skew_log_refuses_non_rotations_under_jit_and_vmap(rng):
+    jitted = jax.jit(skew_log)
+    for R, fragment in _not_rotations(rng):
+        with pytest.raises(RUNTIME_ERRORS, match=fragment):
+            jitted(jnp.asarray(R))
+        batch = jnp.stack([jnp.eye(4), jnp.asarray(R)])
+        with pytest.raises(RUNTIME_ERRORS, match=fragment):
+            _batched_skew_log(batch)
+    with pytest.raises(RUNTIME_ERRORS, match="det R"):
+        jax.grad(lambda R: skew_log(R)[1, 0])(jnp.asarray(_reflection(rng, 3)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_skew_log_accepts_rotations_from_layer_svd(rng, dtype):
+    """The tolerance of the rotation check is not tripped by rounding."""
+    for m, d, n in [(7, 7, 8), (16, 5, 16), (3, 40, 40)]:
+        W = jnp.asarray(rng.standard_normal((m, d)), dtype)
+        U, _, V = layer_svd(W, n)
+        for X in (U, V):
+            A = skew_log(X)  # eagerly (host check) and under jit (error_if)
+            np.testing.assert_array_equal(A, jax.jit(skew_log)(X))
 
 
 def test_skew_log_derivative_matches_finite_differences(rng):
