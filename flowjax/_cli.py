@@ -158,6 +158,7 @@ def _refine_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_refine(args: argparse.Namespace) -> int:
     from ._certificate import certify, format_certificate
 
+    _check_out_path(args.out, "--out")
     mlp = _load_plain_mlp(args.model_file)
     inputs, source = _certificate_inputs(args, mlp)
     options = {"linear": args.linear, "activation": args.smooth_blocks}
@@ -194,15 +195,13 @@ def _certificate_inputs(args: argparse.Namespace, mlp: Any) -> tuple[Any, str]:
         rng = np.random.default_rng(args.seed)
         X = rng.standard_normal((args.num_inputs, *shape)).astype(dtype)
         return X, f"{args.num_inputs} standard normal inputs (seed {args.seed})"
-    X = np.load(args.inputs, allow_pickle=False)
+    wanted = "(N" + "".join(f", {d}" for d in shape) + ("," if not shape else "") + ")"
+    X = _load_npy(args.inputs, wanted)
     if not isinstance(X, np.ndarray) or X.shape[1:] != shape or X.shape[0] < 1:
         found = (
             f"an array of shape {X.shape}"
             if isinstance(X, np.ndarray)
             else "an .npz archive"
-        )
-        wanted = (
-            "(N" + "".join(f", {d}" for d in shape) + ("," if not shape else "") + ")"
         )
         raise UsageError(
             f"{args.inputs} holds {found}; the model takes inputs of shape {shape}, "
@@ -211,6 +210,43 @@ def _certificate_inputs(args: argparse.Namespace, mlp: Any) -> tuple[Any, str]:
     if not np.issubdtype(X.dtype, np.number) or not np.all(np.isfinite(X)):
         raise UsageError(f"{args.inputs} must hold finite numbers.")
     return X.astype(dtype), f"{len(X)} inputs from {args.inputs}"
+
+
+def _load_npy(path: Path, wanted: str) -> Any:
+    """`numpy.load(path)`; a file that is no NumPy array file is a `UsageError`."""
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError):  # empty, pickled, or not NumPy at all
+        with open(path, "rb") as f:
+            head = f.read(6)
+    if not head:
+        reason = "it is empty"
+    elif head == b"\x93NUMPY":
+        reason = "it holds Python objects, not numbers"
+    else:
+        reason = "it does not start with the .npy header"
+    raise UsageError(
+        f"--inputs {path} is not a NumPy .npy array file ({reason}); --inputs "
+        f"needs an array of shape {wanted} written with numpy.save."
+    )
+
+
+def _check_out_path(path: Path, option: str) -> None:
+    """Refuse an output path whose folder is missing, before any work is done."""
+    folder = path.parent
+    if path.is_dir():
+        raise UsageError(
+            f"{option} {path} is a folder; give a file name, e.g. "
+            f"{path / 'refined.fjx'}."
+        )
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UsageError(
+            f"{option} {path}: the folder {folder} {what}; create it first "
+            f"(mkdir -p {folder}) or write somewhere else."
+        )
 
 
 def _save_refined(path: Path, refined: Any, mlp: Any, num_steps: int, options) -> None:
@@ -254,6 +290,9 @@ def _run_example(args: argparse.Namespace) -> int:
     from ._demo import DEFAULT, load_digits_split, train_mlp
     from ._serialise import save_mlp
 
+    _check_out_path(args.file, "FILE")
+    if args.inputs is not None:
+        _check_out_path(args.inputs, "--inputs")
     split = load_digits_split(args.seed)
     mlp = train_mlp(
         split.X_train,
@@ -330,9 +369,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _looks_like_option(token: str) -> bool:
+    """Whether argparse reads `token` as an option (not a value like `-1.5`)."""
+    if not token.startswith("-") or token in ("-", "--"):
+        return False
+    try:
+        float(token)
+    except ValueError:
+        return True
+    return False
+
+
+def _unknown_options(
+    parser: argparse.ArgumentParser, tokens: Sequence[str]
+) -> list[str]:
+    """The tokens that look like options `parser` does not know (nor abbreviates).
+
+    Stops at `--`, after which every token is a value.
+    """
+    known = [option for action in parser._actions for option in action.option_strings]
+    unknown = []
+    for token in tokens:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if _looks_like_option(token) and not any(k.startswith(name) for k in known):
+            unknown.append(name)
+    return unknown
+
+
+def _split_command(tokens: Sequence[str], commands: Sequence[str]) -> int:
+    """The index of the command name in `tokens`, or `len(tokens)` if none."""
+    for index, token in enumerate(tokens):
+        if token in commands or not token.startswith("-"):
+            return index
+    return len(tokens)
+
+
+def _refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Report an unknown option by name before argparse asks for missing ones."""
+    subparsers = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    choices: dict[str, argparse.ArgumentParser] = subparsers.choices
+    at = _split_command(argv, list(choices))
+    unknown = _unknown_options(parser, argv[:at])
+    if unknown:
+        parser.error(
+            f"unrecognized option {', '.join(unknown)}; options come after a "
+            f"command, one of: {', '.join(choices)}"
+        )
+    if at < len(argv) and argv[at] in choices:
+        sub_parser = choices[argv[at]]
+        unknown = _unknown_options(sub_parser, argv[at + 1 :])
+        if unknown:
+            valid = sorted(
+                {o for a in sub_parser._actions for o in a.option_strings} - {"-h"}
+            )
+            sub_parser.error(
+                f"unrecognized option {', '.join(unknown)}; valid options: "
+                f"{', '.join(valid)}"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: `sys.argv[1:]`); return the exit status."""
-    args, extra = build_parser().parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    _refuse_unknown_options(parser, argv)
+    args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand, which names itself and its --help
         args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -80,7 +80,13 @@ def test_python_dash_m_runs_the_cli():
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["demo", "--bogus"], "flowjax demo: error: unrecognized arguments: --bogus"),
+        (["demo", "--bogus"], "flowjax demo: error: unrecognized option --bogus"),
+        (["--bogus"], "flowjax: error: unrecognized option --bogus"),
+        (["--bogus"], "one of: demo, refine, save-example-model"),
+        (["refine", "--wrong", "x"], "flowjax refine: error: unrecognized option"),
+        (["refine", "--wrong", "x"], "--wrong; valid options: --help, --inputs"),
+        (["refine", "m.fjx", "--num-steps=2", "--out", "r", "--x=1"], "option --x;"),
+        (["demo", "--seed", "-3", "--bogus"], "unrecognized option --bogus;"),
         (["demo", "--activation", "softmax"], "invalid choice: 'softmax'"),
         (["refine", "m.fjx", "--out", "r.fjx"], "--num-steps"),
         (["refine", "m.fjx", "--num-steps", "0", "--out", "r.fjx"], ">= 1, got 0"),
@@ -200,6 +206,80 @@ def test_inputs_of_the_wrong_shape_give_one_line(
     ]
     status, _, err = run(argv, capsys)
     assert_one_line_error(status, err, fragment, "(N, 5)")
+
+
+def test_bogus_option_in_a_real_process_has_no_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "flowjax", "--bogus"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_one_line_error(result.returncode, result.stderr, "--bogus", "refine")
+
+
+def test_abbreviated_and_negative_values_are_not_unknown_options(capsys):
+    # argparse accepts prefixes of options and negative numbers as values.
+    status, _, err = run(["demo", "--se", "-1", "--activation", "bogus"], capsys)
+    assert_one_line_error(status, err, "invalid choice: 'bogus'")
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"x,y\n1,2\n", "does not start with the .npy header"),
+        (b"", "it is empty"),
+    ],
+)
+def test_inputs_that_are_not_npy_name_the_file(
+    content, fragment, model_file, tmp_path, capsys
+):
+    path = tmp_path / "inputs.csv"
+    path.write_bytes(content)
+    out = tmp_path / "r.fjx"
+    argv = ["refine", str(model_file), "--num-steps", "2", "--inputs", str(path)]
+    status, _, err = run([*argv, "--out", str(out)], capsys)
+    assert status == 2
+    assert_one_line_error(
+        status, err, f"--inputs {path} is not a NumPy .npy", fragment, "(N, 5)"
+    )
+    assert not out.exists()
+
+
+def test_object_npy_inputs_name_the_file(model_file, tmp_path, capsys):
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    argv = ["refine", str(model_file), "--num-steps", "2", "--inputs", str(path)]
+    status, _, err = run([*argv, "--out", str(tmp_path / "r.fjx")], capsys)
+    assert_one_line_error(status, err, str(path), "Python objects, not numbers")
+
+
+def test_out_in_a_missing_folder_names_the_folder(model_file, tmp_path, capsys):
+    out = tmp_path / "missing" / "r.fjx"
+    argv = ["refine", str(model_file), "--num-steps", "2", "--out", str(out)]
+    status, _, err = run(argv, capsys)
+    assert status == 2
+    assert_one_line_error(
+        status, err, f"the folder {out.parent} does not exist", "mkdir -p"
+    )
+    assert ".tmp" not in err
+    assert not out.parent.exists()
+
+
+def test_out_that_is_a_folder_is_refused(model_file, tmp_path, capsys):
+    argv = ["refine", str(model_file), "--num-steps", "2", "--out", str(tmp_path)]
+    status, _, err = run(argv, capsys)
+    assert_one_line_error(status, err, f"--out {tmp_path} is a folder")
+
+
+def test_save_example_model_checks_its_folders_first(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    status, _, err = run(["save-example-model", str(missing / "m.fjx")], capsys)
+    assert_one_line_error(status, err, f"the folder {missing} does not exist")
+    argv = ["save-example-model", str(tmp_path / "m.fjx"), "--inputs"]
+    status, _, err = run([*argv, str(missing / "x.npy")], capsys)
+    assert_one_line_error(status, err, "--inputs", f"the folder {missing}")
+    assert not (tmp_path / "m.fjx").exists()
 
 
 def test_refined_file_is_refused_as_refine_input(model_file, tmp_path, capsys):
