@@ -192,6 +192,7 @@ def _from_sequential(seq: eqx.nn.Sequential) -> PlainNet:
             linears.append(item)
             continue
         where = f"layer {index} of the Sequential ({type(item).__name__})"
+        _check_activation_item(item, where)
         if pending is None:
             raise TypeError(
                 f"{where} comes before any eqx.nn.Linear; expected {_SUPPORTED}."
@@ -202,12 +203,6 @@ def _from_sequential(seq: eqx.nn.Sequential) -> PlainNet:
                 "one activation per layer (compose them into one function if it is "
                 "non-decreasing)."
             )
-        if isinstance(item, eqx.Module) and not isinstance(
-            item, eqx.nn.Lambda | eqx.nn.Identity
-        ):
-            raise TypeError(f"{where} is not supported; expected {_SUPPORTED}.")
-        if not callable(item):
-            raise TypeError(f"{where} is not callable; expected {_SUPPORTED}.")
         sigma = _read_activation(item, where=where)
     if pending is None:
         raise TypeError(
@@ -215,6 +210,46 @@ def _from_sequential(seq: eqx.nn.Sequential) -> PlainNet:
         )
     layers.append(_layer_from_linear(pending, sigma or activation("identity")))
     return PlainNet(tuple(layers), linears[0].in_features, linears[-1].out_features)
+
+
+def _unsupported_reason(item: Any) -> str:
+    """Why a module that is not a Linear layer or an activation cannot be read."""
+    if isinstance(item, eqx.nn.Dropout):
+        return (
+            "Dropout is not supported: the flow model describes the deterministic "
+            "net; remove it from the Sequential (at inference it is the identity)"
+        )
+    if isinstance(item, eqx.nn.LayerNorm | eqx.nn.GroupNorm | eqx.nn.RMSNorm):
+        return (
+            "normalisation layers are not supported: they mix coordinates, so the "
+            "layer is not sigma(W x + b) with an elementwise sigma"
+        )
+    if isinstance(item, eqx.nn.BatchNorm):
+        return "BatchNorm is not supported: it carries state and mixes samples"
+    if isinstance(item, eqx.nn.Conv | eqx.nn.ConvTranspose | eqx.nn.Pool):
+        return (
+            "convolutions and pooling are not supported; flowjax reads dense "
+            "layers only (write a convolution as an eqx.nn.Linear on the flattened "
+            "input if you need one)"
+        )
+    if isinstance(item, eqx.nn.Linear | eqx.nn.Lambda | eqx.nn.Identity):
+        return ""
+    if isinstance(item, eqx.Module):
+        return (
+            f"{type(item).__name__} is an equinox Module flowjax cannot read (it may "
+            "hold parameters or state); wrap a fixed elementwise activation in "
+            "eqx.nn.Lambda"
+        )
+    if not callable(item):
+        return f"{item!r} is not callable"
+    return ""
+
+
+def _check_activation_item(item: Any, where: str) -> None:
+    """Refuse an item of a Sequential that is neither Linear nor an activation."""
+    reason = _unsupported_reason(item)
+    if reason:
+        raise TypeError(f"{where}: {reason}. Allowed: {_SUPPORTED}.")
 
 
 def _flatten_sequential(seq: eqx.nn.Sequential) -> list[Any]:

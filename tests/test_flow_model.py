@@ -220,6 +220,15 @@ def test_counts_solver_steps(rng):
     assert 4 <= int(steps) < 4096
 
 
+class _Scale(eqx.Module):
+    """A custom module with a parameter, which flowjax cannot read as a layer."""
+
+    w: jax.Array
+
+    def __call__(self, x):
+        return self.w * x
+
+
 class TestBadInput:
     def test_wrong_input_shape(self):
         mlp = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
@@ -252,6 +261,38 @@ class TestBadInput:
             [eqx.nn.Linear(2, 3, key=jax.random.key(0)), eqx.nn.Dropout(0.5)]
         )
         with pytest.raises(TypeError, match="Dropout"):
+            flowjax.flow_model(seq)
+
+    @pytest.mark.parametrize(
+        "make, fragment",
+        [
+            (lambda k: eqx.nn.Dropout(0.1), "Dropout is not supported"),
+            (lambda k: eqx.nn.LayerNorm(3), "normalisation layers are not supported"),
+            (lambda k: eqx.nn.Conv1d(1, 1, 1, key=k), "convolutions and pooling"),
+            (lambda k: _Scale(jnp.ones(3)), "_Scale is an equinox Module"),
+            (lambda k: 3.0, "3.0 is not callable"),
+        ],
+    )
+    @pytest.mark.parametrize("after_activation", [False, True])
+    def test_unsupported_layer_is_named_with_its_index(
+        self, make, fragment, after_activation
+    ):
+        key = jax.random.key(0)
+        activations = [jax.nn.relu] if after_activation else []
+        seq = eqx.nn.Sequential([eqx.nn.Linear(2, 3, key=key), *activations, make(key)])
+        index = len(activations) + 1
+        with pytest.raises(TypeError) as err:
+            flowjax.flow_model(seq)
+        message = str(err.value)
+        assert message.startswith(f"layer {index} of the Sequential"), message
+        assert fragment in message
+        assert "second activation" not in message
+        assert "Allowed: an eqx.nn.MLP" in message  # says what is allowed
+
+    def test_second_activation_is_still_named(self):
+        linear = eqx.nn.Linear(2, 3, key=jax.random.key(0))
+        seq = eqx.nn.Sequential([linear, jax.nn.relu, jax.nn.tanh])
+        with pytest.raises(TypeError, match="layer 2 .* second activation"):
             flowjax.flow_model(seq)
 
     def test_not_a_network(self):
