@@ -139,7 +139,11 @@ def bench_forward(widths: tuple[int, ...], batch: int, repeats: int) -> float:
     _, plain_fn = compile_seconds(mlp, xs)
     _, refined_fn = compile_seconds(refined, xs)
     out_plain, out_refined = plain_fn(mlp, xs), refined_fn(refined, xs)
-    assert bool(jnp.all(out_plain == out_refined)), "refined != plain"
+    # Equal op by op (tests/test_refine.py); compiled, XLA may order the sums of a
+    # product differently depending on what it fuses with, so allow rounding.
+    deviation = float(jnp.max(jnp.abs(out_plain - out_refined)))
+    scale = max(1.0, float(jnp.max(jnp.abs(out_plain))))
+    assert deviation <= 1e-5 * scale, f"refined != plain: {deviation:.2e}"
     times = forward_seconds(
         {
             "plain": lambda: plain_fn(mlp, xs),
@@ -151,6 +155,7 @@ def bench_forward(widths: tuple[int, ...], batch: int, repeats: int) -> float:
     print(
         f"   {_arch(widths):<18} {batch:>6} {refined.depth:>6} "
         f"{1e3 * times['plain']:>9.3f} {1e3 * times['refined']:>11.3f} {ratio:>7.2f}"
+        f"   max |diff| {deviation:.1e}"
     )
     return ratio
 

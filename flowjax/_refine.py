@@ -23,6 +23,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._activation_blocks import (
+    LEAKY_RELU_UNROLL,
     ActivationStage,
     AugmentedStage,
     HomotopyGrid,
@@ -335,7 +336,7 @@ def _activation_stage(
     a = leaky_slope(sigma)
     if a is not None:
         alpha = jnp.asarray(relu_family_weights(grid, a), dtype)
-        return ActivationStage(LeakyReluBlock(alpha, a))
+        return ActivationStage(LeakyReluBlock(alpha, a), unroll=LEAKY_RELU_UNROLL)
     if sigma.kind == "piecewise_linear":
         return ActivationStage(homotopy_blocks(sigma, grid, dtype))
     if options.mode == "exact":

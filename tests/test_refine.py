@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 from flowjax._activation_blocks import (
     ActivationStage,
     AugmentedStage,
+    LeakyReluBlock,
     homotopy_grid,
     relu_family_weights,
 )
@@ -178,6 +179,38 @@ def test_relu_stage_weights_end_at_one():
     np.testing.assert_allclose(
         relu_family_weights(uniform, 0.0), 1 / (9 - np.arange(9)), rtol=1e-15
     )
+
+
+@pytest.mark.parametrize("a", [0.0, 0.01, 0.3])
+@pytest.mark.parametrize("scaling", ["linear", "smooth"])
+@pytest.mark.parametrize("K", [1, 32, 70])
+def test_leaky_relu_stack_equals_its_blocks_one_by_one(a, scaling, K):
+    """`LeakyReluBlock.chain` (the split `p + m` form) against `K` separate block
+    calls (the definition, eq. 56-58), both against the stage's closed form in
+    float64 within their rounding bound, and ReLU bit for bit."""
+    grid = homotopy_grid(K, TimeScaling(scaling), np.float32)
+    alpha = relu_family_weights(grid, a)
+    y = np.concatenate([np.linspace(-40, 40, 401), [0.0, -0.0, 1e-30, -1e-30]])
+    y32 = jnp.asarray(y, jnp.float32)
+    stack = LeakyReluBlock(jnp.asarray(alpha, jnp.float32), a)
+    by_blocks = y32
+    for k in range(K):
+        by_blocks = LeakyReluBlock(jnp.asarray(alpha[k], jnp.float32), a)(by_blocks)
+
+    # Block k scales a negative entry by c_k = 1 - w_k; forming c_k (or y - w_k y)
+    # in float32 costs eps (1 + w_k / c_k) relative, the product eps more.
+    w = alpha.astype(np.float64) * (1 - a)
+    c = 1 - w
+    eps = float(np.finfo(np.float32).eps)
+    bound = eps * np.sum(2 + np.divide(w, c, out=np.zeros_like(w), where=c > 0))
+    exact = np.where(y < 0, a * np.float64(np.float32(y)), np.float32(y))
+    for unroll in (1, 4, 32):
+        chained = eqx.filter_jit(lambda y, u=unroll: stack.chain(y, u))(y32)
+        for out in (chained, by_blocks):
+            np.testing.assert_allclose(out, exact, rtol=bound, atol=1e-37)
+        if a == 0.0:
+            np.testing.assert_array_equal(chained, jax.nn.relu(y32))
+            np.testing.assert_array_equal(by_blocks, jax.nn.relu(y32))
 
 
 def test_float32_in_float32_out(rng):
