@@ -364,7 +364,28 @@ def sigma_s_inverse(
     result is finite but meaningless where `sigma` is flat or `z` is outside its
     range.
     """
-    return _sigma_s_inverse(*_prepare(act, z, s))
+    try:
+        prepared = _prepare(act, z, s)
+    except _NonMonotoneError as err:
+        raise ValueError(_below_threshold_hint(err, s)) from None
+    return _sigma_s_inverse(*prepared)
+
+
+def _below_threshold_hint(err: "_NonMonotoneError", s: ArrayLike) -> str:
+    """The refusal of `err`, pointing to `inverse_below_threshold` for this `s`."""
+    allowed = f"0 <= s < s* = {err.s_star:.6f}"
+    try:
+        value = float(s)  # pyright: ignore[reportArgumentType]
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        where = "it needs a concrete s (a Python float)"
+    else:
+        inside = 0.0 <= value < err.s_star
+        where = f"s = {value:g} is {'inside' if inside else 'outside'} that range"
+    return (
+        f"sigma_s_inverse refuses a non-monotone activation; for one fixed s with "
+        f"{allowed}, use flowjax.inverse_below_threshold(fn, z, s) ({where}). "
+        f"Reason: {err}"
+    )
 
 
 def _sigma_s_inverse(act: Activation, z: Array, s: Array) -> Array:
@@ -572,15 +593,25 @@ def _is_equinox_identity(fn: Callable) -> bool:
             return False
 
 
+class _NonMonotoneError(ValueError):
+    """The refusal of a non-monotone activation; knows `fn` and its `s*`."""
+
+    def __init__(self, message: str, fn: Callable, s_star: float):
+        super().__init__(message)
+        self.fn, self.s_star = fn, s_star
+
+
 def _refuse_non_monotone(name: str, fn: Callable) -> ValueError:
     min_slope, at = _min_slope(fn)
     s_star = _threshold_from_slope(min_slope)
-    return ValueError(
+    return _NonMonotoneError(
         f"activation {name!r} is not non-decreasing (its slope is {min_slope:.4g} at "
         f"y = {at:.4g}), so sigma_s(y) = (1 - s) y + s {name}(y) is invertible only "
         f"for s < {s_star:.6f}; near s = 1 it has no inverse and the activation "
         f"flow (sec. 3.4) does not exist. Use a non-decreasing activation; "
-        f"{_allowed()}."
+        f"{_allowed()}.",
+        fn,
+        s_star,
     )
 
 

@@ -379,6 +379,34 @@ def test_case11_two_preimages_at_s_one():
     np.testing.assert_allclose(jax.nn.silu(pre), -0.2, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "fn, s, where",
+    [
+        (jax.nn.silu, 0.5, "s = 0.5 is inside that range"),
+        ("gelu", 0.95, "s = 0.95 is outside that range"),
+        (jnp.sin, 0.25, "s = 0.25 is inside that range"),
+    ],
+)
+def test_sigma_s_inverse_refusal_points_to_inverse_below_threshold(fn, s, where):
+    s_star = homotopy_threshold(fn)
+    with pytest.raises(ValueError) as err:
+        sigma_s_inverse(fn, jnp.ones(3), s)
+    message = str(err.value)
+    assert message.startswith("sigma_s_inverse refuses a non-monotone activation")
+    assert f"0 <= s < s* = {s_star:.6f}" in message
+    assert "flowjax.inverse_below_threshold(fn, z, s)" in message
+    assert where in message
+    assert "not non-decreasing" in message  # the reason is kept
+    if callable(fn) and 0 <= s < s_star:  # the pointer works: eq. 34 solved
+        y = inverse_below_threshold(fn, jnp.ones(3), s)
+        np.testing.assert_allclose((1 - s) * y + s * fn(y), 1.0, rtol=1e-10)
+
+
+def test_sigma_s_inverse_refusal_under_jit_asks_for_a_concrete_s():
+    with pytest.raises(ValueError, match="inverse_below_threshold.*concrete s"):
+        jax.jit(lambda s: sigma_s_inverse(jax.nn.silu, 1.0, s))(0.5)
+
+
 def test_inverse_below_threshold_needs_concrete_s():
     with pytest.raises(ValueError, match="concrete s"):
         jax.jit(lambda s: inverse_below_threshold(jax.nn.silu, 0.1, s))(0.5)
