@@ -9,15 +9,19 @@ smoothness of the parameters in time), and with pickle-free checkpoints that
 resume bit for bit.
 """
 
+import collections
 import dataclasses
+import functools
 import hashlib
+import inspect
 import io
 import json
 import math
 import os
 import pathlib
 import time
-from collections.abc import Callable, Mapping
+import types
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Literal, NamedTuple, get_args
 
 import equinox as eqx
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
+from jax.core import Tracer
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, PyTree
 
@@ -417,19 +422,25 @@ def _make_step(
 ) -> Callable:
     """One jit-compiled optimizer step on the batch `perm[b*B:(b+1)*B]` of `(X, y)`.
 
-    With a `layout`, the batch is split over the mesh's batch axes and parameters
-    and optimizer state keep their layout (XLA adds the gradient all-reduce).
+    The model's static part enters in two pieces: `static_rest` (the non-arrays,
+    fixed here) and its arrays (an argument of the step, so that equal structures
+    with other arrays share the program). With a `layout`, the batch is split over
+    the mesh's batch axes and parameters and optimizer state keep their layout (XLA
+    adds the gradient all-reduce).
     """
+    static_rest = eqx.filter(static, eqx.is_array, inverse=True)
 
-    def loss(params, x, y):
-        return objective(eqx.combine(params, static), x, y)
+    def loss(params, static_arrays, x, y):
+        return objective(eqx.combine(params, static_arrays, static_rest), x, y)
 
-    def step(params, opt_state, data: _Data, perm, start, batch_size: int):
+    def step(params, static_arrays, opt_state, data: _Data, perm, start, batch_size):
         index = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
         x, y = data.X[index], data.y[index]
         if layout is not None:
             x, y = layout.shard_batch((x, y))
-        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, x, y)
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
+            params, static_arrays, x, y
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if layout is not None:
@@ -438,7 +449,154 @@ def _make_step(
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
         return params, opt_state, metrics, finite
 
-    return jax.jit(step, static_argnums=5)
+    return jax.jit(step, static_argnums=6)
+
+
+# Compiled steps, shared by the `fit` calls that trace the same program
+
+
+class _Uncacheable(Exception):
+    """An object whose program cannot be told from its value (see `_program_key`)."""
+
+
+_ATOMS = (bool, int, float, complex, str, bytes, type(None), type(Ellipsis))
+_DEFINITIONS = (
+    type,
+    types.ModuleType,
+    types.BuiltinFunctionType,
+    types.CodeType,
+    np.ufunc,
+    np.dtype,
+    inspect.Signature,
+)
+_MAX_DEPTH = 64
+_MAX_KEY_ELEMENTS = 4096
+
+
+def _program_key(obj: Any, seen: tuple[int, ...] = ()) -> Hashable:
+    """A hashable value that is equal for two objects that trace to the same program.
+
+    Functions (optax transformations are closures) are keyed by their code,
+    defaults, closure cells and globals; containers, dataclasses (Equinox modules)
+    and plain objects by their type and contents; numbers by `repr` (so `-0.0`
+    and `0.0` differ); small arrays by dtype, shape and bytes; classes, modules,
+    builtins and JAX's own callables (`jnp.tanh`, `jax.nn.relu`) by themselves.
+    Reference cycles are keyed by how far back they point.
+
+    **Raises:** `_Uncacheable` for anything else (a tracer, a large array, an
+    unhashable object without `__dict__`): its program is then never shared.
+    """
+    if id(obj) in seen:
+        return ("cycle", len(seen) - seen.index(id(obj)))
+    if len(seen) > _MAX_DEPTH:
+        raise _Uncacheable("too deep")
+    seen = (*seen, id(obj))
+
+    def key(x):
+        return _program_key(x, seen)
+
+    if isinstance(obj, _ATOMS):
+        return (type(obj), repr(obj))
+    if isinstance(obj, Tracer):
+        raise _Uncacheable("a tracer")
+    if isinstance(obj, np.ndarray | np.generic | jax.Array):
+        return _array_key(obj)
+    if isinstance(obj, tuple | list):
+        return (type(obj), tuple(map(key, obj)))
+    if isinstance(obj, dict):
+        return (type(obj), tuple((key(k), key(v)) for k, v in obj.items()))
+    if isinstance(obj, types.FunctionType):
+        cells = tuple(key(_cell_contents(cell)) for cell in obj.__closure__ or ())
+        return (
+            types.FunctionType,
+            obj.__code__,
+            id(obj.__globals__),  # a module's namespace, alive as long as it
+            key(obj.__defaults__),
+            key(obj.__kwdefaults__),
+            cells,
+            key(obj.__dict__),
+        )
+    if isinstance(obj, functools.partial):
+        return (type(obj), key(obj.func), key(obj.args), key(obj.keywords))
+    if isinstance(obj, types.MethodType):
+        return (types.MethodType, key(obj.__func__), key(obj.__self__))
+    if isinstance(obj, _DEFINITIONS) or _is_jax_callable(obj):
+        return ("definition", _hashable(obj))
+    if hasattr(obj, "__dict__"):  # Equinox modules, dataclasses, plain objects
+        return (type(obj), key(vars(obj)))
+    if dataclasses.is_dataclass(obj):  # with __slots__
+        return (
+            type(obj),
+            tuple(key(getattr(obj, f.name)) for f in dataclasses.fields(obj)),
+        )
+    raise _Uncacheable(type(obj).__name__)
+
+
+def _array_key(array: Any) -> Hashable:
+    if array.size > _MAX_KEY_ELEMENTS:
+        raise _Uncacheable(f"an array of {array.size} elements")
+    weak = bool(getattr(array, "weak_type", False))
+    host = np.asarray(array)
+    return (type(array), host.dtype.str, host.shape, weak, host.tobytes())
+
+
+class _EmptyCell:
+    """Stands for a closure variable not yet assigned."""
+
+
+def _cell_contents(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return _EmptyCell
+
+
+def _is_jax_callable(obj: Any) -> bool:
+    """JAX's own transformed functions (`jax.jit`, `custom_jvp`): fixed once made."""
+    module = type(obj).__module__ or ""
+    return callable(obj) and module.split(".")[0] in ("jax", "jaxlib")
+
+
+def _hashable(obj: Any) -> Any:
+    try:
+        hash(obj)
+    except TypeError:
+        raise _Uncacheable(type(obj).__name__) from None
+    return obj
+
+
+_STEP_CACHE: collections.OrderedDict[Hashable, Callable] = collections.OrderedDict()
+_STEP_CACHE_SIZE = 32
+
+
+def _cached_step(
+    static: PyTree,
+    optimizer: optax.GradientTransformation,
+    objective: _Objective,
+    layout: DataParallel | None,
+) -> Callable:
+    """`_make_step(...)`, reused by later calls whose static parts trace the same.
+
+    The key is `_program_key` of the model's non-array static part, the optimizer
+    (its code and closure values: `optax.adam(1e-2)` made twice is one key, with
+    another learning rate another), the objective and the layout; the arrays of
+    the static part, the data and the shapes are the jitted step's arguments, so
+    jit retraces for other shapes or dtypes. The last `_STEP_CACHE_SIZE` steps
+    are kept. An optimizer or model that `_program_key` cannot key compiles afresh.
+    """
+    static_rest = eqx.filter(static, eqx.is_array, inverse=True)
+    try:
+        key = _program_key((static_rest, optimizer, objective, layout))
+        hash(key)
+    except (_Uncacheable, TypeError):
+        return _make_step(static, optimizer, objective, layout)
+    step = _STEP_CACHE.pop(key, None)
+    if step is None:
+        step = _make_step(static, optimizer, objective, layout)
+    _STEP_CACHE[key] = step  # the most recently used last
+    while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+        _STEP_CACHE.popitem(last=False)
+    return step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -551,6 +709,9 @@ def _train_loop(step_fn, data, key, start, total, state, static, history, hooks)
     """Run steps `start..total-1`; returns the final `(params, opt_state)`."""
     params, opt_state = state
     steps_per_epoch, callback, saver, layout = hooks
+    static_arrays = eqx.filter(static, eqx.is_array)
+    if layout is not None:
+        static_arrays = layout.replicate(static_arrays)
     batch_size = saver.run.batch_size
     good, perm, clock = state, None, time.perf_counter()
     for step in range(start, total):
@@ -559,7 +720,15 @@ def _train_loop(step_fn, data, key, start, total, state, static, history, hooks)
             perm = _permutation(key, epoch, data.X.shape[0])
             if layout is not None:
                 perm = layout.replicate(perm)
-        out = step_fn(params, opt_state, data, perm, batch * batch_size, batch_size)
+        out = step_fn(
+            params,
+            static_arrays,
+            opt_state,
+            data,
+            perm,
+            batch * batch_size,
+            batch_size,
+        )
         # TODO(issue 5): one host sync a step (NaN check, history, callback); for
         # tiny models a lax.scan over several steps would cut the dispatch cost.
         metrics, finite = jax.device_get((out[2], out[3]))
@@ -610,8 +779,11 @@ def fit(
 
     One epoch visits the examples in the order of a permutation drawn from
     `fold_in(key, epoch)`, in `len(X) // batch_size` mini-batches (the remainder is
-    left out of that epoch). The step is compiled once and run as often as needed;
-    the run is deterministic for a given key.
+    left out of that epoch). The step is compiled once and run as often as needed,
+    and kept for later calls whose model structure (everything but its arrays),
+    optimizer (its code and settings), objective and mesh are the same: training
+    the same architecture again, with other weights, data or seed, does not
+    recompile. The run is deterministic for a given key.
 
     **Arguments:**
 
@@ -690,8 +862,8 @@ def fit(
     if layout is not None:
         params, opt_state = layout.place_state((params, opt_state))
         checked = layout.replicate(checked)
-    objective = _Objective(task, kinetic, smoothness)
-    step_fn = _make_step(static, optimizer, objective, layout)
+    objective = _Objective(task, float(kinetic), float(smoothness))
+    step_fn = _cached_step(static, optimizer, objective, layout)
     saver = _Saver(checkpoint_path, checkpoint_every, run)
     hooks = (steps_per_epoch, callback, saver, layout)
     params, opt_state = _train_loop(

@@ -14,8 +14,10 @@ from scipy.linalg import expm
 from sklearn.datasets import load_digits, make_circles, make_moons
 from sklearn.model_selection import train_test_split
 
+from flowjax import _training
 from flowjax._classifier import FlowCoordinateMLP, FlowNet
 from flowjax._training import (
+    FitResult,
     TrainingDivergedError,
     evaluate,
     fit,
@@ -451,6 +453,139 @@ def test_step_is_compiled_once():
     )
     assert after_first_step[0] >= 1
     assert len(_TRACES) == after_first_step[0]
+
+
+_UPDATE_TRACES: list[float] = []
+
+
+def _counting_sgd(learning_rate: float) -> optax.GradientTransformation:
+    """SGD that records each trace of its update (a Python side effect)."""
+
+    def init(params):
+        return optax.EmptyState()
+
+    def update(grads, state, params=None):
+        _UPDATE_TRACES.append(learning_rate)
+        return jax.tree.map(lambda g: -learning_rate * g, grads), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _mlp(seed: int, activation=jax.nn.tanh) -> eqx.nn.MLP:
+    return eqx.nn.MLP(2, 2, 8, 1, activation=activation, key=jr.key(seed))
+
+
+class _SmoothMLP(eqx.Module):
+    """An MLP with a stand-in `time_smoothness` (for the smoothness objective)."""
+
+    mlp: eqx.nn.MLP
+
+    def __call__(self, x):
+        return self.mlp(x)
+
+    def time_smoothness(self):
+        arrays = jax.tree.leaves(eqx.filter(self.mlp, eqx.is_inexact_array))
+        return sum(jnp.sum(jnp.square(w)) for w in arrays)
+
+
+def _traces_of(*args, **kwargs) -> tuple[int, FitResult]:
+    before = len(_UPDATE_TRACES)
+    result = fit(*args, task="classification", batch_size=50, steps=4, **kwargs)
+    return len(_UPDATE_TRACES) - before, result
+
+
+def _uncached(*args, **kwargs) -> FitResult:
+    """`fit` with an empty step cache: the program compiled afresh."""
+    saved = dict(_training._STEP_CACHE)
+    _training._STEP_CACHE.clear()
+    try:
+        return fit(*args, task="classification", batch_size=50, steps=4, **kwargs)
+    finally:
+        _training._STEP_CACHE.update(saved)
+
+
+def test_a_second_fit_of_the_same_structure_does_not_retrace():
+    (X, y), _ = _moons(300)
+    first, _ = _traces_of(_mlp(0), _counting_sgd(0.1), (X, y), key=jr.key(0))
+    assert first >= 1
+    # Another instance of the optimizer, other weights, data and seed: no trace.
+    X2, y2 = X[::-1].copy(), y[::-1].copy()
+    again, result = _traces_of(_mlp(1), _counting_sgd(0.1), (X2, y2), key=jr.key(1))
+    assert again == 0
+    fresh = _uncached(_mlp(1), _counting_sgd(0.1), (X2, y2), key=jr.key(1))
+    assert _leaves_equal(result.model, fresh.model)
+    # optax's own transformations (closures) are keyed by their settings too.
+    adam = [optax.chain(_counting_sgd(1.0), optax.adam(1e-2)) for _ in range(2)]
+    assert _traces_of(_mlp(0), adam[0], (X, y), key=jr.key(0))[0] >= 1
+    assert _traces_of(_mlp(2), adam[1], (X, y), key=jr.key(2))[0] == 0
+
+
+def _counted_adam(lr: float = 0.1, b1: float = 0.9) -> optax.GradientTransformation:
+    return optax.chain(_counting_sgd(lr), optax.adam(1e-2, b1=b1))
+
+
+@pytest.mark.parametrize(
+    "change", ["learning rate", "optax setting", "activation", "objective"]
+)
+def test_another_program_is_never_served_from_the_cache(change):
+    (X, y), _ = _moons(300)
+    base = dict(model=_mlp(0), optimizer=_counted_adam(), smoothness=0.0)
+    if change == "objective":  # with and without a regularizer
+        base["model"] = _SmoothMLP(_mlp(0))
+    other = {
+        "learning rate": dict(optimizer=_counted_adam(lr=0.3)),
+        "optax setting": dict(optimizer=_counted_adam(b1=0.5)),
+        "activation": dict(model=_mlp(0, jax.nn.relu)),
+        "objective": dict(smoothness=0.1),
+    }[change]
+    other = {**base, **other}
+    model, optimizer = base.pop("model"), base.pop("optimizer")
+    _traces_of(model, optimizer, (X, y), key=jr.key(0), **base)
+    model, optimizer = other.pop("model"), other.pop("optimizer")
+    traces, result = _traces_of(model, optimizer, (X, y), key=jr.key(0), **other)
+    assert traces >= 1
+    fresh = _uncached(model, optimizer, (X, y), key=jr.key(0), **other)
+    assert _leaves_equal(result.model, fresh.model)
+
+
+def test_program_keys():
+    key = _training._program_key
+    assert key(optax.adam(1e-2)) == key(optax.adam(1e-2))
+    assert key(optax.adam(1e-2)) != key(optax.adam(2e-2))
+    assert key(_counting_sgd(0.0)) != key(_counting_sgd(-0.0))
+    state = [1.0]
+    scaled = optax.scale_by_schedule(lambda count: state[0])
+    before = key(scaled)
+    state[0] = 2.0  # a closure over a list: keyed by the list's contents
+    assert key(scaled) != before
+    with pytest.raises(_training._Uncacheable):
+        key(optax.scale(jnp.ones(10_000)))  # too large an array to key by value
+    with pytest.raises(_training._Uncacheable):
+        jax.jit(lambda x: key(x))(1.0)  # a tracer
+
+
+class _Slotted:
+    __slots__ = ("rate",)
+
+    def __init__(self, rate):
+        self.rate = rate
+
+
+def test_an_optimizer_that_cannot_be_keyed_compiles_afresh():
+    (X, y), _ = _moons(300)
+
+    def slotted_sgd(holder):
+        def update(grads, state, params=None):
+            _UPDATE_TRACES.append(holder.rate)
+            return jax.tree.map(lambda g: -holder.rate * g, grads), state
+
+        return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+    counts = [
+        _traces_of(_mlp(0), slotted_sgd(_Slotted(rate)), (X, y), key=jr.key(0))[0]
+        for rate in (0.1, 0.1)
+    ]
+    assert counts[0] >= 1 and counts[1] == counts[0]
 
 
 def test_same_key_same_run_and_other_key_other_run():
