@@ -79,16 +79,18 @@ class FlowModel(eqx.Module):
     def solve(self, x: Array, t: ArrayLike = 0.0) -> tuple[Array, Int[Array, ""]]:
         """`u(x, t) = f(Phi_{t -> T}(x))` and the number of solver steps taken (eq. 5).
 
-        `t` is a network time in `[0, T]`; `t = 0` gives the plain net's output.
+        `t` is a network time in `[0, T]`; `t = 0` gives the plain net's output. An
+        input with NaN or inf is refused (`eqx.error_if`, also under `jit`).
         """
         t = _check_time(t, self.T)
-        y, steps = self.flow_map(self.embed(x), t)
+        y, steps = self.flow_map(self.embed(_finite_or_error(x, "the input x")), t)
         return self.readout(y), steps
 
     def flow_map(
         self, y: Float[Array, " n"], t: ArrayLike = 0.0
     ) -> tuple[Float[Array, " n"], Int[Array, ""]]:
         """`Phi_{t -> T}(y)` for a state `y` in `R^n`, and the solver steps taken."""
+        y = _finite_or_error(y, "the state y")
         t = jnp.asarray(_check_time(t, self.T), y.dtype)
         steps = jnp.zeros((), jnp.int32)
         for index, layer in enumerate(self.flow.layers):
@@ -101,7 +103,7 @@ class FlowModel(eqx.Module):
 
     def stage_states(self, x: Array) -> Float[Array, "stages n"]:
         """The state in `R^n` at every stage boundary: shape `(5 L + 1, n)`."""
-        y = self.embed(x)
+        y = self.embed(_finite_or_error(x, "the input x"))
         states = [y]
         for layer in self.flow.layers:
             for stage in range(NUM_STAGES):
@@ -116,7 +118,7 @@ class FlowModel(eqx.Module):
 
         The activation stage is sampled on its exact straight-line trajectory.
         """
-        y = self.embed(x)
+        y = self.embed(_finite_or_error(x, "the input x"))
         times, states = [jnp.zeros((1,), y.dtype)], [y[None]]
         for index, layer in enumerate(self.flow.layers):
             for stage in range(NUM_STAGES):
@@ -234,6 +236,21 @@ def _check_time(t: ArrayLike, T: float) -> ArrayLike:
             f"(one unit of time per layer)."
         )
     return t
+
+
+def _finite_or_error(x: Array, what: str) -> Array:
+    """`x`, with an `eqx.error_if` check (also under `jit`) that it is finite.
+
+    Without it a NaN input surfaces as a solver failure ("max_steps") far from its
+    cause.
+    """
+    x = jnp.asarray(x)
+    return eqx.error_if(
+        x,
+        ~jnp.all(jnp.isfinite(x)),
+        f"FlowModel: {what} contains NaN or inf; the flow model maps finite "
+        "inputs only (check the data or the computation that produced it).",
+    )
 
 
 def _is_identity(layer: LayerFlow) -> bool:

@@ -118,9 +118,29 @@ def characteristics(
       controller).
 
     **Returns:** the `diffrax.Solution`.
+
+    **Raises:** an `eqx.error_if` error (also under `jit`) when `x0` has a NaN or
+    infinite entry, and when the solve fails (see `Integrator.solve`).
     """
     integrator = Integrator() if integrator is None else integrator
+    x0 = _finite_or_error(x0, "characteristics")
     return integrator.solve(vector_field, x0, t0, t1, args, saveat)
+
+
+def _finite_or_error(x: PyTree, where: str) -> PyTree:
+    """`x`, with an `eqx.error_if` check (also under `jit`) that it is finite.
+
+    Without it a NaN start point surfaces as a solver failure ("max_steps").
+    """
+    finite = jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(x)])
+    )
+    return eqx.error_if(
+        x,
+        ~finite,
+        f"{where}: the start point x contains NaN or inf; characteristics start "
+        "from a finite point (check the data or the computation that produced it).",
+    )
 
 
 def flow_map(
@@ -135,8 +155,10 @@ def flow_map(
     """The flow map `Phi_{t0 -> t1}(x)` of the characteristics (eq. 4).
 
     Forward in time when `t1 > t0`, backward when `t1 < t0`; the identity when they
-    are equal.
+    are equal. A start point with NaN or inf is refused (`eqx.error_if`, also under
+    `jit`).
     """
+    x = _finite_or_error(x, "flow_map")
     if _concrete_equal(t0, t1):
         return x
     solution = characteristics(vector_field, x, t0, t1, args, integrator=integrator)
@@ -163,7 +185,7 @@ def solve_transport(
 
     - `terminal`: the output function `f`, applied to one point.
     - `vector_field`, `args`: the transport velocity `v(t, x, args)`.
-    - `x`: where to evaluate `u`.
+    - `x`: where to evaluate `u`; finite (NaN or inf is refused, see `flow_map`).
     - `t`: the time at which to evaluate, `t <= t1`.
     - `t1`: the terminal time.
     """

@@ -299,6 +299,26 @@ class TestBadInput:
         with pytest.raises(TypeError, match="Conv1d"):
             flowjax.flow_model(eqx.nn.Conv1d(1, 1, 3, key=jax.random.key(0)))
 
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+    def test_non_finite_input_is_named_not_max_steps(self, bad):
+        mlp = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+        model = flowjax.flow_model(mlp)
+        x = jnp.zeros(3).at[1].set(bad)
+        batch = jnp.stack([jnp.zeros(3), x])
+        calls = [
+            (model, x, "the input x"),
+            (jax.jit(lambda x: model(x)), x, "the input x"),
+            (jax.jit(jax.vmap(lambda x: model(x))), batch, "the input x"),
+            (jax.jit(lambda x: model.flow_map(model.embed(x))[0]), x, "the state y"),
+            (model.stage_states, x, "the input x"),
+        ]
+        for call, argument, what in calls:
+            with pytest.raises(Exception) as err:
+                call(argument)
+            message = str(err.value)
+            assert f"FlowModel: {what} contains NaN or inf" in message
+            assert "reached max_steps" not in message
+
     def test_max_steps_is_reported(self, rng):
         net = random_sequential(rng, (3, 3, 3), jax.nn.sigmoid)
         integrator = flowjax.Integrator(

@@ -158,3 +158,28 @@ def test_max_steps_is_reported():
     integrator = flowjax.Integrator(max_steps=2)
     with pytest.raises(Exception, match="max_steps=2"):
         flowjax.flow_map(rotating_field, jnp.ones(2), 0.0, 10.0, integrator=integrator)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_non_finite_start_point_is_named_not_max_steps(bad):
+    x = jnp.ones(2).at[1].set(bad)
+
+    def characteristics(x):
+        return flowjax.characteristics(rotating_field, x, 0.0, 1.0).ys
+
+    calls = [
+        ("flow_map", lambda x: flowjax.flow_map(rotating_field, x, 0.0, 1.0)),
+        ("characteristics", characteristics),
+        ("flow_map", lambda x: flowjax.flow_map(rotating_field, x, 0.5, 0.5)),
+        (  # solve_transport carries x with flow_map
+            "flow_map",
+            lambda x: flowjax.solve_transport(gaussian, rotating_field, x, 0.0, 1.0),
+        ),
+    ]
+    for where, call in calls:
+        for f in (call, jax.jit(call)):
+            with pytest.raises(Exception, match=f"{where}: the start point x contains"):
+                f(x)
+    with pytest.raises(Exception, match="NaN or inf") as err:
+        jax.jit(jax.vmap(characteristics))(jnp.stack([jnp.ones(2), x]))
+    assert "reached max_steps" not in str(err.value)
