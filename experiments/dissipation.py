@@ -18,8 +18,9 @@ At test time every variant runs the deterministic ResNet (no dropout, no noise).
 Several seeds (each: its own training subset, initialization and noise); reported:
 mean and spread of test accuracy, and the gain over `neither` paired by seed.
 
-`flowjax.fit` has no way to give the model a fresh key each step, so this experiment
-trains with its own loop: full-batch Adam under one `lax.scan`, vmapped over seeds.
+Training is full-batch Adam by `flowjax.fit(..., stochastic=True)`, which gives the
+model a fresh key for every example and step; `flowjax.evaluate` tests it without a
+key, i.e. deterministically. The seeds of one variant share one compiled step.
 """
 
 import dataclasses
@@ -34,7 +35,6 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
-import optax
 from jaxtyping import Array, Float
 
 from flowjax._two_layer import TwoLayerParams, two_layer_velocity
@@ -185,50 +185,20 @@ def init_model(config: Config, n: int, classes: int, key) -> NoisyResNet:
     return NoisyResNet(params, W_out, jnp.zeros(classes, common.DTYPE), config.T)
 
 
-def _logits(model: NoisyResNet, X, mode: str, strength, key):
-    if mode == "neither":
-        return jax.vmap(model)(X)
-    keys = jr.split(key, X.shape[0])
-    forward = model.dropout if mode == "dropout" else model.sde
-    return jax.vmap(forward, in_axes=(0, None, 0))(X, strength, keys)
+class Regularized(eqx.Module):
+    """`net` as `fit` trains it: `__call__(x, key=k)` runs `mode` (`'neither'`,
+    `'dropout'` of rate `strength` or `'noise'` of size `strength`); without a key,
+    the deterministic ResNet."""
 
+    net: NoisyResNet
+    mode: str = eqx.field(static=True)
+    strength: float = eqx.field(static=True)
 
-def _loss(model, X, y, mode: str, strength, key):
-    logits = _logits(model, X, mode, strength, key)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-@eqx.filter_jit
-def train_many(models, X, y, keys, strength, *, mode: str, steps: int, lr: float):
-    """Full-batch Adam for `steps` steps, vmapped over a leading seed axis of
-    `models`, `X`, `y` and `keys`. Returns the trained models and the losses."""
-    optimizer = optax.adam(lr)
-
-    def one(model, X, y, key):
-        params, state = model, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-
-        def step(carry, k):
-            params, state = carry
-            loss, grads = eqx.filter_value_and_grad(_loss)(
-                params, X, y, mode, strength, k
-            )
-            updates, state = optimizer.update(grads, state, params)
-            return (eqx.apply_updates(params, updates), state), loss
-
-        (params, _), losses = jax.lax.scan(step, (params, state), jr.split(key, steps))
-        return params, losses
-
-    return eqx.filter_vmap(one)(models, X, y, keys)
-
-
-@eqx.filter_jit
-def accuracy_many(models, X, y):
-    """Deterministic accuracy of each model of a seed-stacked batch on its data."""
-
-    def one(model, X, y):
-        return jnp.mean(jnp.argmax(jax.vmap(model)(X), axis=1) == y)
-
-    return eqx.filter_vmap(one)(models, X, y)
+    def __call__(self, x: Float[Array, " n"], *, key=None) -> Float[Array, " k"]:
+        if key is None or self.mode == "neither":
+            return self.net(x)
+        forward = self.net.dropout if self.mode == "dropout" else self.net.sde
+        return forward(x, jnp.asarray(self.strength, x.dtype), key)
 
 
 def _variants(config: Config) -> list[tuple[str, float]]:
@@ -243,42 +213,37 @@ def run(config: Config, seed: int) -> common.Outcome:
     split = common.digits(seed)
     seeds = common.seeds_of(seed, config.num_seeds)
     subsets = [common.subsample(split, config.per_class, s) for s in seeds]
-    X = jnp.asarray(np.stack([s.X_train for s in subsets]))
-    y = jnp.asarray(np.stack([s.y_train for s in subsets]))
-    models = jtu.tree_map(
-        lambda *leaves: jnp.stack(leaves),
-        *[init_model(config, 64, 10, jr.key(1000 + s)) for s in seeds],
-    )
-    X_test, y_test = jnp.asarray(split.X_test), jnp.asarray(split.y_test)
     rows, per_seed = [], {}
     for mode, strength in _variants(config):
         common.stderr(f"{NAME}: training {mode} ({strength:g}), {len(seeds)} seeds")
-        keys = jnp.stack([jr.key(2000 + s) for s in seeds])
-        trained, _ = train_many(
-            models,
-            X,
-            y,
-            keys,
-            jnp.asarray(strength, common.DTYPE),
-            mode=mode,
-            steps=config.steps,
-            lr=config.learning_rate,
-        )
-        S = len(seeds)
-        test = np.asarray(
-            accuracy_many(
-                trained,
-                jnp.broadcast_to(X_test, (S, *X_test.shape)),
-                jnp.broadcast_to(y_test, (S, *y_test.shape)),
+        test, train_acc = [], []
+        for s, subset in zip(seeds, subsets, strict=True):
+            model = Regularized(
+                init_model(config, 64, 10, jr.key(1000 + s)), mode, strength
             )
-        )
-        train_acc = np.asarray(accuracy_many(trained, X, y))
+            trained = common.train(
+                model,
+                subset,
+                steps=config.steps,
+                batch_size=len(subset.y_train),  # full batch
+                learning_rate=config.learning_rate,
+                seed=2000 + s,
+                task="classification",
+                stochastic=mode != "neither",
+            )
+            test.append(trained.test["accuracy"])
+            train_acc.append(trained.train["accuracy"])
+        test = np.asarray(test)
         per_seed[f"{mode} {strength:g}"] = test
-        rows.append(_row(mode, strength, seeds, test, train_acc, per_seed))
+        rows.append(_row(mode, strength, seeds, test, np.asarray(train_acc), per_seed))
     return common.Outcome(
         COLUMNS,
         rows,
-        {"seeds": seeds, "n_train": int(X.shape[1]), "n_test": int(X_test.shape[0])},
+        {
+            "seeds": seeds,
+            "n_train": len(subsets[0].y_train),
+            "n_test": len(split.y_test),
+        },
         _verdict(rows),
         {"test_accuracy_per_seed": per_seed},
     )

@@ -163,13 +163,27 @@ def _check_targets(y: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
     return y
 
 
-def _output_shape(model: Callable, X: np.ndarray, dtype: Any) -> tuple[int, ...]:
+def _output_shape(
+    model: Callable, X: np.ndarray, dtype: Any, stochastic: bool = False
+) -> tuple[int, ...]:
     example = jax.ShapeDtypeStruct(X.shape[1:], dtype)
+    if stochastic:
+        key = jax.eval_shape(jr.key, 0)
+        return tuple(eqx.filter_eval_shape(_keyed_call, model, example, key).shape)
     return tuple(eqx.filter_eval_shape(model, example).shape)
 
 
-def _check_data(model: Callable, data: Any, task: Task) -> _Data:
-    """Validate `(X, y)` against the model and the task; cast X to the model dtype."""
+def _keyed_call(model: Callable, x: Array, key: PRNGKeyArray) -> Array:
+    return model(x, key=key)
+
+
+def _check_data(
+    model: Callable, data: Any, task: Task, stochastic: bool = False
+) -> _Data:
+    """Validate `(X, y)` against the model and the task; cast X to the model dtype.
+
+    With `stochastic`, the model is called as `model(x, key=key)`.
+    """
     if not isinstance(data, tuple | list) or len(data) != 2:
         raise TypeError(
             f"data must be a pair (X, y) of arrays, got {type(data).__name__}."
@@ -181,7 +195,7 @@ def _check_data(model: Callable, data: Any, task: Task) -> _Data:
             f"and y of shape {y.shape}."
         )
     dtype = _model_dtype(model)
-    out_shape = _output_shape(model, X, dtype)
+    out_shape = _output_shape(model, X, dtype, stochastic)
     if task == "classification":
         if len(out_shape) != 1:
             raise ValueError(
@@ -213,6 +227,27 @@ def _trainable_spec(model: Any) -> Any:
     return eqx.is_inexact_array if method is None else method()
 
 
+def _check_stochastic(model: Any, kinetic: float) -> None:
+    """Refuse `stochastic=True` for a model whose call takes no `key`."""
+    calls = [("__call__", model)]
+    if kinetic:
+        calls.append(("forward_with_energy", _forward_with_energy(model)))
+    for name, method in calls:
+        try:
+            parameters = inspect.signature(method).parameters.values()
+        except (TypeError, ValueError):  # no signature to read: let the call tell
+            continue
+        if not any(
+            p.name == "key" and p.kind != p.POSITIONAL_ONLY or p.kind == p.VAR_KEYWORD
+            for p in parameters
+        ):
+            raise TypeError(
+                f"stochastic=True calls the model as model.{name}(x, key=key), but "
+                f"{type(model).__name__}.{name} takes no `key` argument; add one "
+                f"(as eqx.nn.Dropout's models do) or leave stochastic=False."
+            )
+
+
 def _task_of(model: Any, task: Task | None) -> Task:
     task = getattr(model, "task", None) if task is None else task
     if task is None:
@@ -230,17 +265,26 @@ def _task_of(model: Any, task: Task | None) -> Task:
 
 @dataclasses.dataclass(frozen=True)
 class _Objective:
-    """Data loss plus the optional regularizers, on one batch."""
+    """Data loss plus the optional regularizers, on one batch.
+
+    With `stochastic`, the model is called as `model(x_i, key=k_i)` with the
+    example keys `keys` (B,); otherwise as `model(x_i)`.
+    """
 
     task: Task
     kinetic: float
     smoothness: float
+    stochastic: bool = False
 
-    def __call__(self, model: Any, x: Array, y: Array) -> tuple[Array, dict]:
-        if self.kinetic:
-            outputs, energy = jax.vmap(_forward_with_energy(model))(x)
+    def __call__(
+        self, model: Any, x: Array, y: Array, keys: Array | None = None
+    ) -> tuple[Array, dict]:
+        forward = _forward_with_energy(model) if self.kinetic else model
+        if self.stochastic:
+            out = jax.vmap(lambda x_i, k_i: forward(x_i, key=k_i))(x, keys)
         else:
-            outputs, energy = jax.vmap(model)(x), None
+            out = jax.vmap(forward)(x)
+        outputs, energy = out if self.kinetic else (out, None)
         metrics = {}
         if self.task == "classification":
             data_loss = softmax_cross_entropy(outputs, y)
@@ -430,16 +474,30 @@ def _make_step(
     """
     static_rest = eqx.filter(static, eqx.is_array, inverse=True)
 
-    def loss(params, static_arrays, x, y):
-        return objective(eqx.combine(params, static_arrays, static_rest), x, y)
+    def loss(params, static_arrays, x, y, keys):
+        model = eqx.combine(params, static_arrays, static_rest)
+        return objective(model, x, y, keys)
 
-    def step(params, static_arrays, opt_state, data: _Data, perm, start, batch_size):
+    def step(
+        params,
+        static_arrays,
+        opt_state,
+        data: _Data,
+        perm,
+        start,
+        key,
+        step_index,
+        batch_size: int,
+    ):
         index = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
         x, y = data.X[index], data.y[index]
+        keys = (
+            _example_keys(key, step_index, batch_size) if objective.stochastic else None
+        )
         if layout is not None:
-            x, y = layout.shard_batch((x, y))
+            x, y, keys = layout.shard_batch((x, y, keys))
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
-            params, static_arrays, x, y
+            params, static_arrays, x, y, keys
         )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -449,7 +507,7 @@ def _make_step(
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
         return params, opt_state, metrics, finite
 
-    return jax.jit(step, static_argnums=6)
+    return jax.jit(step, static_argnums=8)
 
 
 # Compiled steps, shared by the `fit` calls that trace the same program
@@ -610,13 +668,15 @@ class _Run:
     task: str
     kinetic: float
     smoothness: float
+    stochastic: bool = False
 
     def header(self, step: int, history: History) -> dict:
         return {**dataclasses.asdict(self), "step": step, "history": history.to_json()}
 
     def check(self, header: Mapping[str, Any], path: str | os.PathLike) -> None:
+        defaults = {"stochastic": False}  # absent from older checkpoints
         for name, value in dataclasses.asdict(self).items():
-            if header.get(name) != value:
+            if header.get(name, defaults.get(name)) != value:
                 raise ValueError(
                     f"cannot resume from {os.fspath(path)!r}: it was written with "
                     f"{name}={header.get(name)!r}, this run has {name}={value!r}; "
@@ -675,6 +735,29 @@ def _epoch_permutation(key: PRNGKeyArray, epoch: int, num_examples: int) -> Arra
 
 _permutation = jax.jit(_epoch_permutation, static_argnums=2)
 
+# fold_in(key, e) draws the order of epoch e; the model's keys come from another
+# branch of the key, fold_in(key, 2**32 - 1), which no epoch number reaches.
+_MODEL_KEYS = 2**32 - 1
+
+
+def _example_keys(key: PRNGKeyArray, step: ArrayLike, batch_size: int) -> Array:
+    """The keys `(B,)` given to the model at `step` (counted from 0), one an example.
+
+    `split(fold_in(fold_in(key, 2**32 - 1), step), B)`: a function of the key and
+    the step alone, so a resumed run draws the same keys as an uninterrupted one.
+    """
+    step_key = jr.fold_in(jr.fold_in(key, _MODEL_KEYS), step)
+    return jr.split(step_key, batch_size)
+
+
+def _replicated_key(key: PRNGKeyArray, layout: DataParallel) -> PRNGKeyArray:
+    """A full copy of `key` (typed or raw) on every device of the mesh."""
+    key = jnp.asarray(key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        data = layout.replicate(jr.key_data(key))
+        return jr.wrap_key_data(data, impl=jr.key_impl(key))
+    return layout.replicate(key)
+
 
 def _resume(path, params, opt_state, run: _Run, total: int):
     (params, opt_state), header = load_checkpoint(path, (params, opt_state))
@@ -727,6 +810,8 @@ def _train_loop(step_fn, data, key, start, total, state, static, history, hooks)
             data,
             perm,
             batch * batch_size,
+            key,
+            step,
             batch_size,
         )
         # TODO(issue 5): one host sync a step (NaN check, history, callback); for
@@ -763,6 +848,7 @@ def fit(
     checkpoint_every: int | None = None,
     resume: bool = False,
     mesh: Mesh | Literal["auto"] | None = None,
+    stochastic: bool = False,
 ) -> FitResult:
     """Fit `model` to `data = (X, y)`: the inverse problem of the transport equation.
 
@@ -793,7 +879,8 @@ def fit(
     - `data`: `(X, y)`, `X` of shape `(N, d)`; `y` of shape `(N,)` (labels) or the
       model's output shape with a leading `N` (targets).
     - `batch_size`: examples per step, `1 <= batch_size <= N`.
-    - `key`: the seed of the batch order.
+    - `key`: the seed of the batch order (and of the model's keys, see
+      `stochastic`).
     - `steps` or `epochs`: how long to train (exactly one; with `resume`, the total
       including the steps already taken).
     - `task`: `'classification'` or `'regression'`; defaults to `model.task`.
@@ -813,6 +900,12 @@ def fit(
       replicated, parameters and optimizer state replicated or, along a
       `"model"` axis, split as `flowjax.param_spec` says. The same steps as on one
       device up to the order of float additions (see `flowjax._sharding`).
+    - `stochastic`: call the model as `model(x_i, key=k_i)` (and
+      `forward_with_energy(x_i, key=k_i)` with `kinetic`), for models with
+      dropout or noise in the forward pass: each example of each step gets its own
+      key, `split(fold_in(fold_in(key, 2**32 - 1), step), batch_size)[i]`, a
+      function of `key` and the step alone, so resuming stays bit-identical.
+      `evaluate` calls the model without a key, in `eqx.nn.inference_mode`.
 
     **Returns:** a `FitResult` `(model, opt_state, history)`.
 
@@ -832,7 +925,10 @@ def fit(
     """
     optimizer = _check_optimizer(optimizer)
     task = _task_of(model, task)
-    checked = _check_data(model, data, task)
+    stochastic = bool(stochastic)
+    if stochastic:
+        _check_stochastic(model, kinetic)
+    checked = _check_data(model, data, task, stochastic)
     num_examples = int(checked.X.shape[0])
     steps_per_epoch = _steps_per_epoch(batch_size, num_examples)
     total = _total_steps(steps, epochs, steps_per_epoch)
@@ -852,6 +948,7 @@ def fit(
         task,
         float(kinetic),
         float(smoothness),
+        stochastic,
     )
     start, history = 0, History()
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
@@ -861,8 +958,8 @@ def fit(
 
     if layout is not None:
         params, opt_state = layout.place_state((params, opt_state))
-        checked = layout.replicate(checked)
-    objective = _Objective(task, float(kinetic), float(smoothness))
+        checked, key = layout.replicate(checked), _replicated_key(key, layout)
+    objective = _Objective(task, float(kinetic), float(smoothness), stochastic)
     step_fn = _cached_step(static, optimizer, objective, layout)
     saver = _Saver(checkpoint_path, checkpoint_every, run)
     hooks = (steps_per_epoch, callback, saver, layout)
@@ -883,7 +980,10 @@ def evaluate(
 
     Checks the data as `fit` does. With `batch_size`, evaluates in chunks of that
     many examples (to bound memory); the result is the mean over all examples.
+    The model runs in `eqx.nn.inference_mode` (dropout off) and without a key:
+    deterministic, also for a model trained with `fit(..., stochastic=True)`.
     """
+    model = eqx.nn.inference_mode(model)
     task = _task_of(model, task)
     checked = _check_data(model, data, task)
     num = int(checked.X.shape[0])

@@ -636,6 +636,151 @@ def test_regression_with_one_target_per_row(rng):
     assert evaluate(result.model, (X, y))["data_loss"] < 0.05
 
 
+# Models with a key: dropout and noise in the forward pass
+
+
+class _DropoutMLP(eqx.Module):
+    """`x -> W2 dropout(tanh(W1 x + b1)) + b2`; takes `key=` like eqx.nn.Dropout."""
+
+    first: eqx.nn.Linear
+    dropout: eqx.nn.Dropout
+    last: eqx.nn.Linear
+
+    def __init__(self, seed: int, p: float = 0.2):
+        k1, k2 = jr.split(jr.key(seed))
+        self.first = eqx.nn.Linear(2, 32, key=k1)
+        self.dropout = eqx.nn.Dropout(p)
+        self.last = eqx.nn.Linear(32, 2, key=k2)
+
+    def __call__(self, x, *, key=None):
+        return self.last(self.dropout(jnp.tanh(self.first(x)), key=key))
+
+
+def test_a_dropout_model_trains_and_evaluates_deterministically():
+    (X, y), test = _moons(600)
+    options = dict(batch_size=50, key=jr.key(0), task="classification")
+    with pytest.raises(RuntimeError, match="key"):  # dropout needs a key to train
+        fit(_DropoutMLP(0), optax.adam(1e-2), (X, y), steps=1, **options)
+    result = fit(
+        _DropoutMLP(0), optax.adam(3e-2), (X, y), epochs=60, stochastic=True, **options
+    )
+    metrics = evaluate(result.model, test, task="classification")
+    assert metrics["accuracy"] >= 0.95
+    assert evaluate(result.model, test, task="classification") == metrics
+    # evaluate is the model without dropout: the same as inference mode by hand
+    plain = eqx.nn.inference_mode(result.model)
+    logits = jax.vmap(plain)(jnp.asarray(test[0]))
+    expected = np.mean(np.argmax(np.asarray(logits), axis=1) == test[1])
+    assert metrics["accuracy"] == pytest.approx(expected)
+
+
+class _NoisyOffset(eqx.Module):
+    """`x -> b + z` with `z ~ N(0, 1)` drawn from the key: the loss shows the keys."""
+
+    b: jax.Array
+
+    def __call__(self, x, *, key):
+        return self.b + jr.normal(key, (1,), self.b.dtype)
+
+
+def test_every_example_of_every_step_gets_the_documented_key():
+    N, key = 16, jr.key(5)
+    X, y = np.zeros((N, 1), np.float32), np.zeros(N, np.float32)
+    model = _NoisyOffset(jnp.asarray([0.25], jnp.float32))
+    result = fit(
+        model,
+        optax.sgd(0.0),
+        (X, y),
+        batch_size=N,
+        steps=3,
+        key=key,
+        task="regression",
+        stochastic=True,
+    )
+    # All examples are equal, so the loss of step s is mean_i (b + z_i)^2 over the
+    # keys split(fold_in(fold_in(key, 2**32 - 1), s), N), whatever the batch order.
+    for step, loss in enumerate(result.history.steps["loss"]):
+        keys = jr.split(jr.fold_in(jr.fold_in(key, 2**32 - 1), step), N)
+        z = np.array([float(jr.normal(k, (1,), jnp.float32)[0]) for k in keys])
+        assert len(set(z)) == N  # a key an example
+        assert loss == pytest.approx(np.mean((0.25 + z) ** 2), rel=1e-5)
+    losses = result.history.steps["loss"]
+    assert len(set(losses)) == 3  # other keys every step
+
+
+def test_stochastic_resume_is_bit_identical(tmp_path):
+    (X, y), _ = _moons(300)
+    options = dict(batch_size=30, key=jr.key(2), task="classification", stochastic=True)
+    full = fit(_DropoutMLP(1), optax.adam(1e-2), (X, y), steps=9, **options)
+    path = tmp_path / "run.ckpt"
+    fit(
+        _DropoutMLP(1),
+        optax.adam(1e-2),
+        (X, y),
+        steps=4,
+        checkpoint_path=path,
+        **options,
+    )
+    resumed = fit(
+        _DropoutMLP(1),
+        optax.adam(1e-2),
+        (X, y),
+        steps=9,
+        checkpoint_path=path,
+        resume=True,
+        **options,
+    )
+    assert _leaves_equal(resumed.model, full.model)
+    assert resumed.history.steps == full.history.steps
+    with pytest.raises(ValueError, match="stochastic=True, this run has stochastic"):
+        fit(
+            _DropoutMLP(1, p=0.0),
+            optax.adam(1e-2),
+            (X, y),
+            steps=9,
+            checkpoint_path=path,
+            resume=True,
+            **dict(options, stochastic=False),
+        )
+
+
+def test_stochastic_needs_a_model_that_takes_a_key():
+    (X, y), _ = _moons(300)
+    with pytest.raises(TypeError, match=r"_SmoothMLP.__call__ takes no `key`"):
+        fit(
+            _SmoothMLP(_mlp(0)),
+            optax.sgd(0.1),
+            (X, y),
+            batch_size=50,
+            steps=1,
+            key=jr.key(0),
+            task="classification",
+            stochastic=True,
+        )
+    with pytest.raises(TypeError, match=r"forward_with_energy takes no `key`"):
+        fit(
+            _KeyedCallOnly(_mlp(0)),
+            optax.sgd(0.1),
+            (X, y),
+            batch_size=50,
+            steps=1,
+            key=jr.key(0),
+            task="classification",
+            kinetic=0.1,
+            stochastic=True,
+        )
+
+
+class _KeyedCallOnly(eqx.Module):
+    mlp: eqx.nn.MLP
+
+    def __call__(self, x, *, key=None):
+        return self.mlp(x)
+
+    def forward_with_energy(self, x):
+        return self.mlp(x), jnp.zeros(())
+
+
 # 5. Bad input
 
 
