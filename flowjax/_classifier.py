@@ -32,6 +32,7 @@ from ._two_layer import GridParams, Interpolation, TwoLayerField, TwoLayerParams
 Method = Literal["discretize", "adaptive"]
 _METHODS: tuple[str, ...] = get_args(Method)
 _TASKS: tuple[str, ...] = get_args(Task)
+_STATS = ("num_steps", "num_accepted_steps", "num_rejected_steps", "max_steps")
 
 
 class _KineticField(eqx.Module):
@@ -224,6 +225,42 @@ class FlowNet(eqx.Module):
     def transport(self, y0: Float[Array, " n"]) -> Float[Array, " n"]:
         """The flow map `Phi_{t_0 -> t_L}(y0)` of the characteristics (eq. 3-4)."""
         return self._solve(self.field, y0)
+
+    def transport_with_stats(
+        self, y0: Float[Array, " n"]
+    ) -> tuple[Float[Array, " n"], dict[str, Array]]:
+        """The flow map `Phi_{t_0 -> t_L}(y0)` and the solver's statistics.
+
+        On the adaptive path the statistics are diffrax's: `num_steps` (steps
+        tried), `num_accepted_steps`, `num_rejected_steps` and `max_steps`. The
+        number of function evaluations follows from the solver: for `diffrax.Tsit5`
+        (first-same-as-last) with a `'linear'` grid it is `6 num_steps + 1` (on a
+        `'constant'` grid more: the first stage is recomputed after each jump of
+        the parameters). On the Euler path every step is accepted and evaluates
+        the field once: `num_steps` is the number of Euler steps. Each value is an
+        integer scalar (one an input under `vmap`).
+        """
+        if self.method == "discretize":
+            resnet = self.resnet()
+            steps = jnp.asarray(resnet.ts.shape[0] - 1, jnp.int32)
+            stats = {
+                "num_steps": steps,
+                "num_accepted_steps": steps,
+                "num_rejected_steps": jnp.zeros((), jnp.int32),
+                "max_steps": steps,
+            }
+            return resnet(y0), stats
+        grid = self._frozen_grid()
+        integrator = _with_grid_times(self.integrator, grid)
+        solution = integrator.solve(self.field, y0, grid.ts[0], grid.ts[-1], grid)
+        assert solution.ys is not None
+        stats = {name: jnp.asarray(solution.stats[name]) for name in _STATS}
+        return solution.ys[-1], stats
+
+    def solver_stats(self, x: Float[Array, " d"]) -> dict[str, Array]:
+        """The statistics of the transport of the input `x` (`in_size`,): see
+        `transport_with_stats`."""
+        return self.transport_with_stats(self.embed(x))[1]
 
     def forward_with_energy(self, x: Float[Array, " d"]) -> tuple[Array, Array]:
         """The output and the kinetic energy `int |v|^2 dt` of `x`'s trajectory.

@@ -311,6 +311,57 @@ def test_rotation_transport_is_recovered(rng):
     assert error < 3e-2
 
 
+_FIELD_CALLS: list[int] = []
+
+
+def _counted_tanh(z):
+    """tanh that counts its runs: the field applies it once an evaluation."""
+    jax.debug.callback(lambda: _FIELD_CALLS.append(1))
+    return jnp.tanh(z)
+
+
+def _field_calls_and_stats(net: FlowNet, x) -> tuple[int, dict[str, int]]:
+    _FIELD_CALLS.clear()
+    stats = eqx.filter_jit(net.solver_stats)(jnp.asarray(x))
+    jax.effects_barrier()
+    return len(_FIELD_CALLS), {name: int(value) for name, value in stats.items()}
+
+
+def test_solver_stats_count_the_field_evaluations():
+    options = dict(n=3, hidden=8, num_blocks=4, key=jr.key(0), T=2.0, scale=1.0)
+    net = FlowNet.init(2, 2, sigma=_counted_tanh, **options)
+    # Fixed steps: Euler with dt0 = T / 8 takes 8 steps of one evaluation each.
+    euler = Integrator(
+        solver=diffrax.Euler(),
+        stepsize_controller=diffrax.ConstantStepSize(),
+        dt0=0.25,
+    )
+    calls, stats = _field_calls_and_stats(
+        net.replace(method="adaptive", integrator=euler), [0.3, 1.0]
+    )
+    assert calls == stats["num_steps"] == stats["num_accepted_steps"] == 8
+    assert stats["num_rejected_steps"] == 0
+    # The Euler ResNet path: one evaluation a step.
+    calls, stats = _field_calls_and_stats(net.replace(num_steps=16), [0.3, 1.0])
+    assert calls == stats["num_steps"] == 16
+    # Adaptive Tsit5 on a linear grid: 6 evaluations a step tried, plus the first.
+    linear = FlowNet.init(
+        2, 2, sigma=_counted_tanh, interpolation="linear", method="adaptive", **options
+    )
+    for x in ([0.3, -1.2], [2.0, 1.0]):
+        calls, stats = _field_calls_and_stats(linear, x)
+        steps = stats["num_accepted_steps"] + stats["num_rejected_steps"]
+        assert stats["num_steps"] == steps >= 4  # a step at least a block
+        assert calls == 6 * stats["num_steps"] + 1
+    # Under vmap: one count an input; the flow map is the transport's.
+    X = jnp.asarray([[0.3, -1.2], [2.0, 1.0]])
+    y, stats = jax.vmap(lambda x: linear.transport_with_stats(linear.embed(x)))(X)
+    assert stats["num_steps"].shape == (2,)
+    np.testing.assert_allclose(
+        y, jax.vmap(lambda x: linear.transport(linear.embed(x)))(X)
+    )
+
+
 # 4. Checkpoints and resume
 
 
