@@ -7,10 +7,18 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.core import Tracer
 from jaxtyping import Array, ArrayLike, PyTree
+
+from ._activations import sigma_s, sigma_s_inverse
+from ._fields import activation_field
 
 
 VectorField = Callable[..., Any]
+
+ACTIVATION_CUT = 1e-3
+"""`flow_map` integrates `activation_field` up to `tau = 1 - ACTIVATION_CUT`."""
 
 
 class Integrator(eqx.Module):
@@ -157,13 +165,52 @@ def flow_map(
     Forward in time when `t1 > t0`, backward when `t1 < t0`; the identity when they
     are equal. A start point with NaN or inf is refused (`eqx.error_if`, also under
     `jit`).
+
+    `flowjax.activation_field` is singular at `s = 1` for the ReLU family (it grows
+    like `tau'(s) / (1 - tau(s))`, eq. 43-47; with the `"linear"` time scaling a
+    float32 solve reaches `max_steps`). For that field, forward in time with
+    concrete times ending past `tau = 1 - ACTIVATION_CUT` (`1e-3`), the solve stops
+    there and the stage is closed exactly, `z -> sigma_{tau(t1)}(sigma_{tau}^{-1}
+    (z))`, since each point moves on a straight line (eq. 42), as `flow_model`
+    does. Backward or with traced times it is solved as it stands.
     """
     x = _finite_or_error(x, "flow_map")
     if _concrete_equal(t0, t1):
         return x
+    if vector_field is activation_field and _concrete_less(t0, t1):
+        return _activation_flow_map(x, t0, t1, args, integrator)
     solution = characteristics(vector_field, x, t0, t1, args, integrator=integrator)
     assert solution.ys is not None
     return jax.tree.map(lambda y: y[-1], solution.ys)
+
+
+def _activation_flow_map(
+    z: Array, t0: float | Array, t1: float | Array, args: Any, integrator
+) -> Array:
+    """The forward flow of `activation_field`: solved up to the cut, closed exactly.
+
+    The solve runs from `min(t0, s_cut)` to `min(t1, s_cut)`, where
+    `1 - tau(s_cut) = ACTIVATION_CUT`; from the time `s` the state has reached,
+    `z -> sigma_{tau(t1)}(sigma_{tau(s)}^{-1}(z))` carries it to `t1` (eq. 40-42).
+    """
+    sigma, scaling = args
+    s_cut = scaling.one_minus_tau_inverse(ACTIVATION_CUT)
+    if float(np.asarray(t1)) <= s_cut:
+        solution = characteristics(
+            activation_field, z, t0, t1, args, integrator=integrator
+        )
+        assert solution.ys is not None
+        return solution.ys[-1]
+    if float(np.asarray(t0)) < s_cut:
+        solution = characteristics(
+            activation_field, z, t0, s_cut, args, integrator=integrator
+        )
+        assert solution.ys is not None
+        z, t0 = solution.ys[-1], s_cut
+    z = jnp.asarray(z)
+    tau0 = scaling.tau(jnp.asarray(t0, z.dtype))
+    tau1 = scaling.tau(jnp.asarray(t1, z.dtype))
+    return sigma_s(sigma, sigma_s_inverse(sigma, z, tau0), tau1)
 
 
 def solve_transport(
@@ -197,15 +244,21 @@ def solve_transport(
     return terminal(flow_map(vector_field, x, t, t1, args, integrator=integrator))
 
 
+def _concrete(x: ArrayLike) -> float | None:
+    """`x` as a Python float when it is known while tracing, else `None`.
+
+    Host-side (NumPy), so that inside `jit` a constant time stays a constant.
+    """
+    if any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(x)):
+        return None
+    return float(np.asarray(x))
+
+
 def _concrete_equal(a: ArrayLike, b: ArrayLike) -> bool:
-    try:
-        return bool(jnp.asarray(a) == jnp.asarray(b))
-    except jax.errors.ConcretizationTypeError:
-        return False
+    a_value, b_value = _concrete(a), _concrete(b)
+    return a_value is not None and a_value == b_value
 
 
 def _concrete_less(a: ArrayLike, b: ArrayLike) -> bool:
-    try:
-        return bool(jnp.asarray(a) < jnp.asarray(b))
-    except jax.errors.ConcretizationTypeError:
-        return False
+    a_value, b_value = _concrete(a), _concrete(b)
+    return a_value is not None and b_value is not None and a_value < b_value

@@ -183,3 +183,39 @@ def test_non_finite_start_point_is_named_not_max_steps(bad):
     with pytest.raises(Exception, match="NaN or inf") as err:
         jax.jit(jax.vmap(characteristics))(jnp.stack([jnp.ones(2), x]))
     assert "reached max_steps" not in str(err.value)
+
+
+@pytest.mark.parametrize("scaling", ["linear", "smooth", "cubic"])
+@pytest.mark.parametrize("name", ["relu", "relu6", "tanh"])
+def test_activation_stage_float32_reaches_its_end(scaling, name):
+    """Oracle: each point moves on a straight line, z(s) = sigma_tau(s)(z0) (eq. 42).
+
+    The "linear" ReLU field is singular at s = 1; a float32 solve to s = 1 used to
+    stop at max_steps.
+    """
+    sigma = flowjax.activation(name)
+    args = (sigma, flowjax.time_scaling(scaling))
+    z0 = jnp.asarray([-1.5, -0.3, 0.0, 0.7, 2.0, 7.0], jnp.float32)
+    zero, half, one = (jnp.float32(s) for s in (0.0, 0.5, 1.0))  # a float32 solve
+
+    def flow(z, t0, t1):
+        return flowjax.flow_map(flowjax.activation_field, z, t0, t1, args)
+
+    z1 = jax.jit(lambda z: flow(z, zero, one))(z0)
+    assert z1.dtype == jnp.float32
+    np.testing.assert_allclose(z1, sigma(z0), atol=2e-5)
+    # Part of the way: only the solve, no closing step.
+    half = flow(z0, zero, half)
+    assert half.dtype == jnp.float32
+    tau = float(args[1].tau(0.5))
+    expected = flowjax.sigma_s(sigma, z0, tau)
+    np.testing.assert_allclose(half, expected, atol=2e-5)
+
+
+def test_activation_stage_from_past_the_cut():
+    sigma, scaling = flowjax.activation("relu"), flowjax.time_scaling("linear")
+    y = jnp.asarray([-2.0, -0.1, 0.5, 3.0])
+    s0 = 1 - 1e-4  # past tau = 1 - 1e-3: no solve, the exact closing only
+    z0 = flowjax.sigma_s(sigma, y, s0)
+    z1 = flowjax.flow_map(flowjax.activation_field, z0, s0, 1.0, (sigma, scaling))
+    np.testing.assert_allclose(z1, jax.nn.relu(y), atol=1e-12)
