@@ -8,9 +8,10 @@ state, `atol + rtol |y|` scaled):
   `[0, 1]`, the batch carried as one `(B, n)` state on both sides;
 - the flow model of a plain ReLU MLP (eq. 48-50): stage by stage, as
   `flowjax.flow_model` does (four linear stages, then the activation stage up to
-  `tau = 1 - activation_cut`, closed exactly). flowjax vmaps the model over the
-  batch (each sample its own steps); PyTorch solves each stage for the whole
-  batch as one state.
+  `tau = 1 - activation_cut`, closed exactly). PyTorch solves each stage for the
+  whole batch as one state; so does `FlowModel.solve_batch` (the like-for-like
+  row, with the target), while `jax.vmap(model.solve)` gives each sample its own
+  steps (a second row, stricter error control, for comparison).
 
 Function evaluations: torchdiffeq's are counted in the field's `forward`; diffrax
 reports steps, and its Tsit5/Dopri5 solves cost 6 evaluations a step attempt plus
@@ -138,14 +139,20 @@ def flowjax_flow_model(solver: str, cfg: AdaptiveConfig, mlp: Any) -> FlowModel:
     return flow_model(mlp, integrator=integrator)
 
 
-def model_call(model: FlowModel) -> tuple[Callable[..., Any], Any]:
-    """`(fn, arrays)` with `fn(arrays, X) -> (outputs, steps)` vmapped over `X`."""
+def model_call(model: FlowModel, joint: bool = False) -> tuple[Callable[..., Any], Any]:
+    """`(fn, arrays)` with `fn(arrays, X) -> (outputs, steps)`: `solve` vmapped
+    over `X` (steps per sample), or with `joint` one `solve_batch` of `X`."""
     arrays, static = eqx.partition(model, eqx.is_array)
 
     def fn(arrays, X):
-        return jax.vmap(eqx.combine(arrays, static).solve)(X)
+        model = eqx.combine(arrays, static)
+        return model.solve_batch(X) if joint else jax.vmap(model.solve)(X)
 
     return fn, arrays
+
+
+# The flowjax sides of the flow-model rows: (label suffix, joint solve?).
+FLOW_MODEL_CALLS = ((" solve_batch", True), (" vmap(solve)", False))
 
 
 def num_solves(model: FlowModel) -> int:
@@ -287,8 +294,8 @@ def _rows(
 ) -> list[Row]:
     rows = []
     theirs = figures["torch"]
-    for solver in cfg.solvers:
-        ours = figures[solver]
+    for side in (name for name in figures if name != "torch"):
+        ours = figures[side]
         notes = (
             f"NFE {ours['nfe']} vs {theirs['nfe']}; max abs diff "
             f"{ours['max_abs_diff']:.1e}"
@@ -302,11 +309,11 @@ def _rows(
             make_row(
                 SECTION,
                 benchmark,
-                (f"flowjax {solver}", OTHER),
+                (f"flowjax {side}", OTHER),
                 f"{shapes}, rtol={cfg.rtol:g} atol={cfg.atol:g}",
-                (measured[solver], measured["torch"]),
-                target=TARGET,
-                compile_s=(compile_s[solver], None),
+                (measured[side], measured["torch"]),
+                target=None if side.endswith("vmap(solve)") else TARGET,
+                compile_s=(compile_s[side], None),
                 notes=notes,
                 extra={"flowjax": ours, "other": theirs},
             )
@@ -348,28 +355,34 @@ def _flow_model(cfg: AdaptiveConfig, timing: TimingSettings) -> list[Row]:
     torch_solve = torch_flow_model(model, cfg)
     X_torch = _tensor(X)
     out_torch, nfe_torch = torch_solve(X_torch)
-    for solver in cfg.solvers:
+    sides = [
+        (solver + suffix, solver, joint)
+        for solver in cfg.solvers
+        for suffix, joint in FLOW_MODEL_CALLS
+    ]
+    for side, solver, joint in sides:
         model = flowjax_flow_model(solver, cfg, mlp)
-        fn, arrays[solver] = model_call(model)
+        fn, arrays[side] = model_call(model, joint)
         with jax.default_matmul_precision("highest"):
-            compiled[solver], compile_s[solver] = compile_jax(fn, arrays[solver], X)
-        out, steps = compiled[solver](arrays[solver], X)
+            compiled[side], compile_s[side] = compile_jax(fn, arrays[side], X)
+        out, steps = compiled[side](arrays[side], X)
         steps = np.asarray(steps)
-        figures[solver] = {
+        figures[side] = {
             "nfe": int(nfe_from_steps(int(steps.max()), num_solves(model))),
             "steps_max": int(steps.max()),
             "steps_mean": float(steps.mean()),
             "max_abs_diff": _max_abs(out, out_torch.numpy()),
             "max_abs_error_vs_mlp": _max_abs(out, expected),
         }
-        calls.append(blocking(compiled[solver], arrays[solver], X))
+        calls.append(blocking(compiled[side], arrays[side], X))
     figures["torch"] = {
         "nfe": int(nfe_torch),
         "max_abs_error_vs_mlp": _max_abs(out_torch.numpy(), expected),
     }
     calls.append(lambda: torch_solve(X_torch))
-    times = time_calls(calls, timing, warm=(*(True for _ in cfg.solvers), False))
-    measured = dict(zip([*cfg.solvers, "torch"], times, strict=True))
+    times = time_calls(calls, timing, warm=(*(True for _ in sides), False))
+    names = [side for side, _, _ in sides]
+    measured = dict(zip([*names, "torch"], times, strict=True))
     shapes = (
         f"flow model of a ReLU MLP {cfg.mlp_in}-{cfg.mlp_width}-{cfg.mlp_in}, "
         f"n={model.flow.n}, B={cfg.B}"
