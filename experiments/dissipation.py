@@ -344,6 +344,7 @@ def plot(record: dict, path) -> None:
                 capsize=4,
             )
     ax.set_xticks(x, labels, fontsize=8)
+    ax.set_xlabel("training variant (all tested without noise or dropout)")
     ax.set_ylabel("test accuracy (deterministic forward pass)")
     ax.set_title(
         f"dots: seeds; bars: mean +- std ({rows[0]['seeds']} seeds)", fontsize=10
@@ -352,6 +353,7 @@ def plot(record: dict, path) -> None:
     ax_gain.axhline(0.0, color="0.4", lw=1)
     ax_gain.set_xticks(x[1:], labels[1:], fontsize=8)
     ax_gain.set_xlim(ax.get_xlim())
+    ax_gain.set_xlabel("training variant")
     ax_gain.set_ylabel("test accuracy gain over 'neither' (paired by seed)")
     ax_gain.set_title("mean gain +- 2 standard errors", fontsize=10)
     ax_gain.grid(True, axis="y", alpha=0.3)
