@@ -7,6 +7,7 @@ accelerator, same code). See `experiments/README.md` for the measured results.
 
     python -m experiments --list
     python -m experiments.NAME [--scale tiny|small|large] [--seed S] [--out DIR]
+                               [--dry-run]
     flowjax experiment NAME [...]      (from a clone of the repository)
 """
 
@@ -14,6 +15,7 @@ from ._registry import (
     EXPERIMENTS as EXPERIMENTS,
     UsageError as UsageError,
     add_arguments as add_arguments,
+    dry_run_experiment as dry_run_experiment,
     list_lines as list_lines,
     load as load,
     main as main,

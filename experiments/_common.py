@@ -3,7 +3,8 @@
 An experiment module defines `NAME`, `DESCRIPTION` (one line), `CLAIM` (the claim of
 docs/theory.md sec. 5 it checks), `CONFIGS` (one frozen dataclass per scale:
 `"tiny"` for tests, `"small"` for a 2-core CPU, `"large"` for an accelerator),
-`run(config, seed) -> Outcome` and `plot(record, path)`. `execute` times `run`, adds
+`run(config, seed) -> Outcome`, `plot(record, path)` and `plan(config)` (what
+`run` trains, for `--dry-run`: see `experiments._dry_run`). `execute` times `run`, adds
 what is needed to reproduce it (command, seeds, configuration, JAX backend) and
 writes `results.json` and `figure.png` into the output folder.
 

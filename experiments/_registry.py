@@ -6,7 +6,7 @@ this module is cheap (no JAX); an experiment's module is imported only when it r
 Command line, the same for all three entry points:
 
     python -m experiments.NAME [--scale tiny|small|large] [--seed S] [--out DIR]
-                               [--distributed]
+                               [--distributed] [--dry-run]
     python -m experiments NAME [...]          python -m experiments --list
     flowjax experiment NAME [...]             flowjax experiment --list
 """
@@ -117,6 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, with_name: bool = True) ->
         help="call jax.distributed.initialize() before anything else touches JAX "
         "(multi-host runs; every process computes, process 0 writes the files)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the configuration's models and data shapes, lower one training "
+        "step and trace one evaluation of each (no compilation, no training, no "
+        "files); print shapes, parameter counts and the estimated memory per step",
+    )
 
 
 def initialize_distributed() -> None:
@@ -151,6 +158,20 @@ def run_experiment(
     return record
 
 
+def dry_run_experiment(
+    name: str, *, scale: str = DEFAULT_SCALE, verbose: bool = True
+) -> dict:
+    """The dry run of experiment `name` at `scale` (see `experiments._dry_run`):
+    its record (a dict), printed as a table when `verbose`."""
+    module = load(name)
+    from ._dry_run import dry_run, report
+
+    record = dry_run(module, scale)
+    if verbose:
+        print(report(record))
+    return record
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Run what parsed arguments ask for (`--list` or one experiment); exit status."""
     if args.list:
@@ -161,6 +182,11 @@ def run_from_args(args: argparse.Namespace) -> int:
             "name an experiment to run, or pass --list to see them: "
             + ", ".join(EXPERIMENTS)
         )
+    if getattr(args, "dry_run", False):
+        if args.distributed:
+            initialize_distributed()
+        dry_run_experiment(args.name, scale=args.scale)
+        return 0
     run_experiment(
         args.name,
         scale=args.scale,

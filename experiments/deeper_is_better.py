@@ -20,6 +20,7 @@ best error of its variant.
 """
 
 import dataclasses
+import functools
 import sys
 
 import jax.random as jr
@@ -28,6 +29,7 @@ import numpy as np
 from flowjax._classifier import FlowNet
 
 from . import _common as common
+from ._dry_run import DataShape, Plan, Training
 from ._registry import EXPERIMENTS, main as _main
 
 
@@ -123,6 +125,24 @@ def level_off(rows: list[dict], tolerance: float) -> dict:
     good = [r for r in rows if r["test_error"] <= best + tolerance]
     first = min(good, key=lambda r: r["blocks"])
     return {"blocks": first["blocks"], "dt": first["dt"], "best_test_error": best}
+
+
+def plan(config: Config) -> Plan:
+    """What `run` trains (for `--dry-run`): every variant at every depth."""
+    trainings = [
+        Training(
+            f"{variant}, {L} blocks",
+            functools.partial(build, variant, L, config, jr.key(0)),
+            dict(
+                steps=config.steps,
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+            ),
+        )
+        for variant in config.variants
+        for L in config.depths
+    ]
+    return Plan(DataShape(config.n_train, config.n_test, 2, 2), trainings)
 
 
 def run(config: Config, seed: int) -> common.Outcome:

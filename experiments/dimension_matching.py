@@ -20,6 +20,7 @@ a count of the field's calls, accepted and rejected steps alike).
 """
 
 import dataclasses
+import functools
 import sys
 
 import diffrax
@@ -33,6 +34,7 @@ from flowjax._classifier import FlowNet
 from flowjax._transport import Integrator
 
 from . import _common as common
+from ._dry_run import DataShape, Plan, Training
 from ._registry import EXPERIMENTS, main as _main
 
 
@@ -126,6 +128,26 @@ def input_grid(points: int) -> np.ndarray:
     """A `points x points` grid of the square `[-2.2, 2.2]^2`, shape `(points^2, 2)`."""
     g = np.linspace(-2.2, 2.2, points, dtype=np.float32)
     return np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)
+
+
+def plan(config: Config) -> Plan:
+    """What `run` trains (for `--dry-run`): every dimension `n`, `num_seeds` times
+    (the adaptive solves of the trained flows are not part of the dry run)."""
+    trainings = [
+        Training(
+            f"n = {n}",
+            functools.partial(build, n, config, jr.key(0)),
+            dict(
+                steps=config.steps,
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+                kinetic=config.kinetic,
+            ),
+            runs=config.num_seeds,
+        )
+        for n in config.dims
+    ]
+    return Plan(DataShape(config.n_train, config.n_test, 2, 2), trainings)
 
 
 def run(config: Config, seed: int) -> common.Outcome:

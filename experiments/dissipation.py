@@ -24,6 +24,7 @@ key, i.e. deterministically. The seeds of one variant share one compiled step.
 """
 
 import dataclasses
+import functools
 import math
 import sys
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from jaxtyping import Array, Float
 from flowjax._two_layer import TwoLayerParams, two_layer_velocity
 
 from . import _common as common
+from ._dry_run import DIGITS, Plan, Training
 from ._registry import EXPERIMENTS, main as _main
 
 
@@ -207,6 +209,31 @@ def _variants(config: Config) -> list[tuple[str, float]]:
         + [("dropout", p) for p in config.dropout_rates]
         + [("noise", eps) for eps in config.noise_levels]
     )
+
+
+def plan(config: Config) -> Plan:
+    """What `run` trains (for `--dry-run`): every variant, `num_seeds` times, full
+    batch on `10 per_class` digits."""
+    trainings = [
+        Training(
+            f"{mode} {strength:g}",
+            functools.partial(_regularized, config, mode, strength),
+            dict(
+                steps=config.steps,
+                batch_size=10 * config.per_class,
+                learning_rate=config.learning_rate,
+                task="classification",
+                stochastic=mode != "neither",
+            ),
+            runs=config.num_seeds,
+        )
+        for mode, strength in _variants(config)
+    ]
+    return Plan(DIGITS._replace(n_train=10 * config.per_class), trainings)
+
+
+def _regularized(config: Config, mode: str, strength: float) -> Regularized:
+    return Regularized(init_model(config, 64, 10, jr.key(0)), mode, strength)
 
 
 def run(config: Config, seed: int) -> common.Outcome:

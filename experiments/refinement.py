@@ -13,6 +13,7 @@ refinement, agreement of their predictions, the certificate.
 """
 
 import dataclasses
+import functools
 import sys
 
 import equinox as eqx
@@ -23,6 +24,7 @@ import numpy as np
 from flowjax._certificate import certify
 
 from . import _common as common
+from ._dry_run import DIGITS, Plan, Training
 from ._registry import EXPERIMENTS, main as _main
 
 
@@ -73,6 +75,34 @@ def _batched(model, X):
 
 def _logits(model, X: np.ndarray) -> np.ndarray:
     return np.asarray(_batched(model, X))
+
+
+def plan(config: Config) -> Plan:
+    """What `run` trains (for `--dry-run`): one plain net per hidden-layer count
+    (the refinements and certificates are not part of the dry run)."""
+    trainings = [
+        Training(
+            f"plain net, {hidden} hidden layer(s)",
+            functools.partial(
+                eqx.nn.MLP,
+                64,
+                10,
+                config.width,
+                hidden,
+                activation=jax.nn.relu,
+                key=jr.key(0),
+                dtype=common.DTYPE,
+            ),
+            dict(
+                steps=config.steps,
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+                task="classification",
+            ),
+        )
+        for hidden in config.hidden_layers
+    ]
+    return Plan(DIGITS, trainings)
 
 
 def run(config: Config, seed: int) -> common.Outcome:

@@ -20,6 +20,7 @@ for four families on two interleaved spirals:
 """
 
 import dataclasses
+import functools
 import sys
 from typing import Any
 
@@ -33,6 +34,7 @@ from flowjax._classifier import FlowNet
 from flowjax._refine import refine
 
 from . import _common as common
+from ._dry_run import DataShape, Plan, Training
 from ._registry import EXPERIMENTS, main as _main
 
 
@@ -140,6 +142,51 @@ def _accuracy(model, X, y):
     return jnp.mean(jnp.argmax(jax.vmap(model)(X), axis=1) == y)
 
 
+def plan(config: Config) -> Plan:
+    """What `run` trains (for `--dry-run`): the plain net and every ResNet, with
+    and without the smoothness regularizer (the refinements are not trained)."""
+    options = dict(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+    )
+    plain = functools.partial(
+        eqx.nn.MLP,
+        2,
+        2,
+        config.width,
+        config.plain_hidden_layers,
+        activation=jax.nn.relu,
+        key=jr.key(0),
+        dtype=common.DTYPE,
+    )
+    trainings = [Training("plain net", plain, dict(options, task="classification"))] + [
+        Training(
+            f"ResNet, {L} blocks, smoothness {weight:g}",
+            functools.partial(_resnet, config, L, jr.key(0)),
+            dict(options, smoothness=weight),
+        )
+        for L in config.resnet_blocks
+        for weight in (0.0, config.smoothness)
+    ]
+    return Plan(DataShape(config.n_train, config.n_test, 2, 2), trainings)
+
+
+def _resnet(config: Config, L: int, key) -> FlowNet:
+    """`L` two-layer ReLU blocks of width and hidden size `config.width`, T = 1."""
+    return FlowNet.init(
+        2,
+        2,
+        n=config.width,
+        hidden=config.width,
+        num_blocks=L,
+        key=key,
+        sigma=jax.nn.relu,
+        T=1.0,
+        dtype=common.DTYPE,
+    )
+
+
 def run(config: Config, seed: int) -> common.Outcome:
     split = common.spirals(config.n_train, config.n_test, seed)
     fit_options: dict[str, Any] = dict(
@@ -184,17 +231,7 @@ def run(config: Config, seed: int) -> common.Outcome:
                 f" with smoothness {weight:g}" if weight else ""
             )
             common.stderr(f"{NAME}: training {family}, {L} blocks")
-            net = FlowNet.init(
-                2,
-                2,
-                n=config.width,
-                hidden=config.width,
-                num_blocks=L,
-                key=jr.key(seed),
-                sigma=jax.nn.relu,
-                T=1.0,
-                dtype=common.DTYPE,
-            )
+            net = _resnet(config, L, jr.key(seed))
             trained = common.train(net, split, smoothness=weight, **fit_options)
             d = flownet_differences(trained.model)
             rows.append(_row(family, L, d, trained.test["accuracy"]))

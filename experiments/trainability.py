@@ -12,6 +12,7 @@ interleaved spirals. Reported: loss curves, final training loss and test accurac
 """
 
 import dataclasses
+import functools
 import math
 import sys
 
@@ -24,6 +25,7 @@ import numpy as np
 from flowjax._classifier import FlowNet
 
 from . import _common as common
+from ._dry_run import DataShape, Plan, Training
 from ._registry import EXPERIMENTS, main as _main
 
 
@@ -116,6 +118,25 @@ def first_step_below(losses, level: float) -> int | None:
     """The first step (1-based) whose running mean loss is below `level`."""
     below = np.flatnonzero(common.smoothed(losses, 20) < level)
     return int(below[0]) + 1 if below.size else None
+
+
+def plan(config: Config) -> Plan:
+    """What `run` trains (for `--dry-run`): every architecture at every depth."""
+    trainings = [
+        Training(
+            f"{architecture}, depth {depth}",
+            functools.partial(BUILDERS[architecture], depth, config.width, jr.key(0)),
+            dict(
+                steps=config.steps,
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+                task="classification",
+            ),
+        )
+        for depth in config.depths
+        for architecture in config.architectures
+    ]
+    return Plan(DataShape(config.n_train, config.n_test, 2, 2), trainings)
 
 
 def run(config: Config, seed: int) -> common.Outcome:

@@ -16,6 +16,7 @@ flip the sign, so there the one-way push costs nothing).
 """
 
 import dataclasses
+import functools
 import math
 import sys
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from flowjax._resnet import EulerResNet
 from flowjax._two_layer import TwoLayerField, TwoLayerParams
 
 from . import _common as common
+from ._dry_run import DataShape, Plan, Training
 from ._registry import EXPERIMENTS, main as _main
 
 
@@ -153,6 +155,24 @@ def relu_bounds(X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     accuracy = 1.0 - float(np.mean(stuck))
     floor = float(np.mean(np.where(stuck, np.logaddexp(0.0, 2 * X[:, 0]), 0.0)))
     return accuracy, floor
+
+
+def plan(config: Config) -> Plan:
+    """What `run` trains (for `--dry-run`): every block with every readout."""
+    trainings = [
+        Training(
+            f"{block}, {readout} readout",
+            functools.partial(build, block, readout, config, jr.key(i)),
+            dict(
+                steps=config.steps,
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+            ),
+        )
+        for readout in config.readouts
+        for i, block in enumerate(BLOCKS)
+    ]
+    return Plan(DataShape(config.n_train, config.n_test, 2, 2), trainings)
 
 
 def run(config: Config, seed: int) -> common.Outcome:

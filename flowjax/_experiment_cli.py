@@ -55,6 +55,7 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         for option in ("--scale", "--seed", "--out"):
             parser.add_argument(option)
         parser.add_argument("--distributed", action="store_true")
+        parser.add_argument("--dry-run", action="store_true")
         return
     registry.add_arguments(parser)
 

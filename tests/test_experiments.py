@@ -62,6 +62,7 @@ def test_registry_lists_every_experiment_once():
         assert module.DESCRIPTION == experiments.EXPERIMENTS[name][0]
         assert set(module.CONFIGS) == {"tiny", "small", "large"}
         assert callable(module.run) and callable(module.plot)
+        assert callable(module.plan)
 
 
 def test_list_and_unknown_name(capsys):
@@ -144,6 +145,17 @@ def test_experiment_runs_and_its_outputs_agree(name, tmp_path):
     check_files(name, record, tmp_path)
     check_fractions(name, record)
     CHECKS[name](record, config_of(name))
+    check_plan_matches_run(name, record)
+
+
+def check_plan_matches_run(name: str, record: dict) -> None:
+    """The dry run's plan trains the models `run` trained: same parameter counts
+    (where the table reports them)."""
+    if "parameters" not in record["columns"]:
+        return
+    dry = experiments.dry_run_experiment(name, scale="tiny", verbose=False)
+    planned = sorted({c["parameters"] for c in dry["trainings"]})
+    assert planned == sorted({r["parameters"] for r in record["rows"]})
 
 
 # Experiment by experiment
@@ -388,3 +400,114 @@ CHECKS = {
     "dimension_matching": check_dimension_matching,
     "slow_parameters": check_slow_parameters,
 }
+
+
+# --dry-run: the large configurations, lowered without training
+
+
+@pytest.fixture(scope="module")
+def large_dry_runs() -> dict:
+    return {}
+
+
+def dry_run_of(name: str, cache: dict) -> dict:
+    if name not in cache:
+        cache[name] = experiments.dry_run_experiment(name, scale="large", verbose=False)
+    return cache[name]
+
+
+SLOW_DRY_RUNS = {"trainability"}  # 18 programs up to 128 unrolled layers: ~11 s
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in SLOW_DRY_RUNS else n
+        for n in NAMES
+    ],
+)
+def test_large_dry_run_figures_agree(name, large_dry_runs):
+    from experiments import _dry_run
+
+    record = dry_run_of(name, large_dry_runs)
+    module = experiments.load(name)
+    config = module.CONFIGS["large"]
+    plan = module.plan(config)
+    data = plan.data
+    assert record["config"] == dataclasses.asdict(config)
+    assert [c["label"] for c in record["trainings"]] == [
+        t.label for t in plan.trainings
+    ]
+    assert len({c["label"] for c in record["trainings"]}) == len(plan.trainings)
+    for check, training in zip(record["trainings"], plan.trainings, strict=True):
+        params = check["parameters"]
+        assert params == sum(math.prod(s) for s in check["parameter_leaves"]) > 0
+        figures = check["bytes"]
+        assert figures["params"] == figures["gradients"] == 4 * params  # float32
+        # Adam keeps two moments per parameter and an int32 step count.
+        assert figures["optimizer_state"] == 2 * figures["params"] + 4
+        assert figures["data"] == data.n_train * (4 * data.features + 4)
+        assert figures["activations"] > 0
+        assert check["memory_bytes"] == (
+            figures["data"]
+            + 2 * (figures["params"] + figures["optimizer_state"])
+            + figures["gradients"]
+            + figures["activations"]
+        )
+        batch_size = min(training.options["batch_size"], data.n_train)
+        assert check["batch"] == [batch_size, data.features]
+        assert check["train_set"] == [data.n_train, data.features]
+        assert data.n_test % check["eval_chunk"][0] == 0
+        assert check["step_outputs_match"]
+        assert {"loss", "data_loss", "accuracy"} <= set(check["metrics"])
+        assert {"loss", "data_loss", "accuracy"} <= set(check["eval_metrics"])
+    assert record["fits"] == sum(t.runs for t in plan.trainings)
+    assert record["optimizer_steps"] == sum(
+        t.runs * t.options["steps"] for t in plan.trainings
+    )
+    assert record["max_memory_bytes"] == max(
+        c["memory_bytes"] for c in record["trainings"]
+    )
+    text = _dry_run.report(record)
+    assert f"{record['fits']} fits" in text
+    assert all(str(c["parameters"]) in text for c in record["trainings"])
+
+
+def test_dry_run_parameter_counts_closed_form(large_dry_runs):
+    """Plain ReLU MLPs 2 -> w x d -> 2 (trainability) and 64 -> 64 x h -> 10
+    (refinement) have `(i + 1) w + (d - 1)(w + 1) w + (w + 1) o` parameters."""
+
+    def mlp(i, w, d, o):
+        return (i + 1) * w + (d - 1) * (w + 1) * w + (w + 1) * o
+
+    config = experiments.load("refinement").CONFIGS["large"]
+    record = dry_run_of("refinement", large_dry_runs)
+    assert [c["parameters"] for c in record["trainings"]] == [
+        mlp(64, config.width, h, 10) for h in config.hidden_layers
+    ]
+    config = experiments.load("dissipation").CONFIGS["large"]
+    record = dry_run_of("dissipation", large_dry_runs)
+    n, m, L = 64, config.hidden, config.blocks
+    # L two-layer blocks (W1 m x n, b1, W2 n x m, b2) and a 10 x 64 readout.
+    assert {c["parameters"] for c in record["trainings"]} == {
+        L * (2 * m * n + m + n) + 10 * n + 10
+    }
+
+
+def test_digits_shape_is_the_split():
+    from experiments._dry_run import DIGITS
+
+    split = common.digits(0)
+    assert (DIGITS.n_train, DIGITS.n_test) == (len(split.y_train), len(split.y_test))
+    assert DIGITS.features == split.X_train.shape[1]
+    assert DIGITS.classes == len(np.unique(split.y_train))
+
+
+def test_dry_run_command_writes_nothing(capsys, tmp_path):
+    argv = ["two_layer_blocks", "--scale", "large", "--dry-run", "--out", str(tmp_path)]
+    assert experiments.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "two_layer_blocks (large) dry run" in out and "fits" in out
+    assert not any(tmp_path.iterdir())
+    assert cli_main(["experiment", *argv]) == 0
+    assert "dry run" in capsys.readouterr().out
