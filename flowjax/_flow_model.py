@@ -108,10 +108,13 @@ class FlowModel(eqx.Module):
         """
         t = _check_time(t, self.T)
         xs = _finite_or_error(xs, "the inputs xs")
-        if xs.ndim < 1 or xs.shape[0] == 0:
+        flow = self.flow
+        one = () if flow.in_size == "scalar" else (flow.d_in,)
+        if xs.shape[1:] != one or xs.ndim == 0 or xs.shape[0] == 0:
             raise ValueError(
-                f"solve_batch takes inputs stacked on a leading axis of length >= 1, "
-                f"got shape {xs.shape}; for one input use `model.solve(x)`."
+                f"solve_batch takes inputs of shape {one} stacked on a leading axis, "
+                f"i.e. shape {(('B', *one))} with B >= 1; got shape {xs.shape}. "
+                "For one input use `model.solve(x)`."
             )
         Y = jax.vmap(self.embed)(xs)
         Y, steps = self._flow_map(Y, jnp.asarray(t, Y.dtype), batched=True)
