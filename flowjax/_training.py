@@ -166,11 +166,40 @@ def _check_targets(y: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
 def _output_shape(
     model: Callable, X: np.ndarray, dtype: Any, stochastic: bool = False
 ) -> tuple[int, ...]:
+    """The shape of `model(x)` for one row `x` of `X`, traced (no computation).
+
+    A model that cannot take rows of that shape is a `ValueError` naming the shape
+    of `X` and, where the model records it (`in_size`), the input shape it takes.
+    """
     example = jax.ShapeDtypeStruct(X.shape[1:], dtype)
-    if stochastic:
-        key = jax.eval_shape(jr.key, 0)
-        return tuple(eqx.filter_eval_shape(_keyed_call, model, example, key).shape)
-    return tuple(eqx.filter_eval_shape(model, example).shape)
+    try:
+        if stochastic:
+            key = jax.eval_shape(jr.key, 0)
+            out = eqx.filter_eval_shape(_keyed_call, model, example, key)
+        else:
+            out = eqx.filter_eval_shape(model, example)
+    except (TypeError, ValueError) as err:
+        wanted = _input_shape(model)
+        if wanted == X.shape[1:]:
+            raise  # the rows fit: some other fault of the model
+        takes = (
+            f"the model takes inputs of shape {wanted}"
+            if wanted is not None
+            else f"the model cannot take them ({' '.join(str(err).split())})"
+        )
+        raise ValueError(
+            f"X has shape {X.shape}: rows of shape {X.shape[1:]}, but {takes}."
+        ) from err
+    return tuple(out.shape)
+
+
+def _input_shape(model: Any) -> tuple[int, ...] | None:
+    """The shape of one input, from the model's `in_size` (as `eqx.nn.MLP`,
+    `FlowNet`) or `in_features` (as `eqx.nn.Linear`); `None` if it has neither."""
+    size = getattr(model, "in_size", getattr(model, "in_features", None))
+    if size == "scalar":
+        return ()
+    return (size,) if isinstance(size, int) else None
 
 
 def _keyed_call(model: Callable, x: Array, key: PRNGKeyArray) -> Array:

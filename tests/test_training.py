@@ -916,6 +916,27 @@ def test_optimizer_that_is_not_an_optax_transformation(optimizer, match):
         fit(_small_net(), optimizer, (X, y), batch_size=10, steps=1, key=jr.key(0))
 
 
+@pytest.mark.parametrize(
+    "model, wanted",
+    [
+        (eqx.nn.MLP(4, 3, 8, 1, key=jr.key(0)), r"takes inputs of shape \(4,\)\."),
+        (_small_net(), r"takes inputs of shape \(2,\)\."),
+        (
+            eqx.nn.Sequential([eqx.nn.Linear(4, 3, key=jr.key(0))]),
+            r"cannot take them \(.*\)\.",
+        ),
+    ],
+)
+def test_inputs_of_the_wrong_width(model, wanted):
+    X, y = np.zeros((40, 3), np.float32), np.zeros(40, np.int32)
+    match = r"^X has shape \(40, 3\): rows of shape \(3,\), but the model " + wanted
+    options = dict(batch_size=10, steps=1, key=jr.key(0), task="classification")
+    with pytest.raises(ValueError, match=match):
+        fit(model, optax.adam(1e-2), (X, y), **options)
+    with pytest.raises(ValueError, match=match):
+        evaluate(model, (X, y), task="classification")
+
+
 def test_other_bad_arguments():
     (X, y), _ = _moons(100)
     net, opt = _small_net(), optax.adam(1e-2)
