@@ -240,13 +240,18 @@ def _check_data(
 def _check_optimizer(optimizer: Any) -> optax.GradientTransformation:
     if isinstance(optimizer, optax.GradientTransformation):
         return optimizer
-    hint = ""
     if callable(optimizer):
         name = getattr(optimizer, "__name__", repr(optimizer))
-        hint = f" (got the function {name!r}; call it, e.g. optax.adam(1e-3))"
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation such as "
+            f"optax.adam(1e-3); got the callable {name!r}, which is not one. Call "
+            f"an optimizer factory (optax.adam(1e-3), not optax.adam); put a "
+            f"learning-rate schedule inside an optimizer "
+            f"(optax.adam(learning_rate=schedule))."
+        )
     raise TypeError(
         f"optimizer must be an optax.GradientTransformation such as "
-        f"optax.adam(1e-3), got {type(optimizer).__name__}{hint}."
+        f"optax.adam(1e-3), got {type(optimizer).__name__}."
     )
 
 
