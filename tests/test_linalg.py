@@ -125,7 +125,9 @@ BATCH = 40  # one batch size for all layer tests: one compilation per shape
 # ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [2, 3, 4, 5, 8, 16, 64, 256])
+@pytest.mark.parametrize(
+    "n", [2, 3, 4, 5, 8, 16, 64, pytest.param(256, marks=pytest.mark.slow)]
+)
 def test_skew_log_hard_cases_float64(rng, n):
     cases = hard_rotations(rng, n)
     A = np.asarray(_batched_skew_log(jnp.asarray(np.stack(list(cases.values())))))
@@ -140,6 +142,7 @@ def test_skew_log_hard_cases_float64(rng, n):
     assert not failures, failures
 
 
+@pytest.mark.slow
 def test_skew_log_n512(rng):
     n = 512
     R = rotation_with_angles(rng, n, [PI, PI, PI - 1e-10, 2.0, 2.0, 1e-8])

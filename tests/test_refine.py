@@ -114,7 +114,7 @@ def _check_whole_refinement(
                 np.testing.assert_array_equal(refined(x), mlp(x))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     hidden=st.sampled_from(sorted(RELU_FAMILY)),
     final=st.sampled_from(sorted(RELU_FAMILY)),
@@ -126,7 +126,7 @@ def test_whole_refinement_of_relu_family_equals_the_mlp(**example):
     _check_whole_refinement(**example)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     hidden=st.sampled_from(sorted(SMOOTH)),
     final=st.sampled_from(sorted(ACTIVATIONS)),
