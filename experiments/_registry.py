@@ -101,7 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, with_name: bool = True) ->
         "large (an accelerator); default: %(default)s",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="random seed (default: %(default)s)"
+        "--seed",
+        type=_seed,
+        default=0,
+        help="random seed, 0 to 2**32 - 1 (default: %(default)s)",
     )
     parser.add_argument(
         "--out",
@@ -124,6 +127,27 @@ def add_arguments(parser: argparse.ArgumentParser, *, with_name: bool = True) ->
         "step and trace one evaluation of each (no compilation, no training, no "
         "files); print shapes, parameter counts and the estimated memory per step",
     )
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed in `0 .. 2**32 - 1` (`flowjax._cli.seed_value`,
+    imported only when a seed is given, so that `--list` stays free of JAX)."""
+    from flowjax._cli import seed_value
+
+    return seed_value(text)
+
+
+def check_out(out: Path | None) -> None:
+    """Refuse an `--out` that is a file or lies inside one, before any work
+    (`flowjax._cli.check_out_folder`); `None`, the default folder, passes."""
+    if out is None:
+        return
+    from flowjax._cli import check_out_folder
+
+    try:
+        check_out_folder(Path(out), "--out")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def initialize_distributed() -> None:
@@ -187,6 +211,9 @@ def run_from_args(args: argparse.Namespace) -> int:
             initialize_distributed()
         dry_run_experiment(args.name, scale=args.scale)
         return 0
+    if args.name not in EXPERIMENTS:
+        load(args.name)  # raises the UsageError naming the experiments
+    check_out(args.out)
     run_experiment(
         args.name,
         scale=args.scale,

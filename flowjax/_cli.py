@@ -8,9 +8,10 @@ is skipped) and give it a `COMMANDS: dict[str, Command]`; `flowjax experiment` i
 meant to arrive that way, from `flowjax/_experiment_cli.py`.
 
 A user's mistake (a bad option, a missing or broken model file, inputs of the wrong
-shape) ends with one line on stderr and a non-zero exit status, never a traceback:
-`main` turns the `ValueError`, `TypeError` and `OSError` that the library raises for
-such mistakes into that line. Anything else is a bug and keeps its traceback.
+shape) ends with one line on stderr and exit status 2 (`EXIT_USAGE`), never a
+traceback: `main` turns the `ValueError`, `TypeError` and `OSError` that the library
+raises for such mistakes into that line. Anything else is a bug and keeps its
+traceback (exit status 1). `EXIT_STATUSES` says so in `flowjax --help`.
 """
 
 import argparse
@@ -23,8 +24,14 @@ from typing import Any, NamedTuple, NoReturn
 
 PROG = "flowjax"
 EXTENSION_MODULES = ("flowjax._experiment_cli",)
-EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_STATUSES = (
+    "exit status: 0 done; 2 a mistake in the command: a bad option or option value, "
+    "a missing, unreadable or broken file, inputs of the wrong shape (one line on "
+    "stderr says which); 1 an unexpected error (a bug: a traceback); 130 "
+    "interrupted (Ctrl-C)."
+)
+SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1, as numpy and jax.random.key take
 
 
 class Command(NamedTuple):
@@ -64,6 +71,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    """An argparse type: a random seed, an integer in `0 .. 2**32 - 1`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number, got {text!r}"
+        ) from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"a seed must be between 0 and {SEED_LIMIT - 1} (2**32 - 1), got {value}"
+        )
+    return value
+
+
 # `flowjax demo`
 
 
@@ -76,7 +98,9 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=DemoConfig.out,
         help="folder for the table, plots and model file (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--seed", type=seed_value, default=0, help="random seed (default: 0)"
+    )
     parser.add_argument(
         "--activation",
         choices=sorted(ACTIVATIONS),
@@ -93,6 +117,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from ._demo import DemoConfig, run_demo
 
+    check_out_folder(args.out, "--out")
     run_demo(DemoConfig(args.out, args.seed, args.activation, args.quick))
     return 0
 
@@ -151,7 +176,10 @@ def _refine_arguments(parser: argparse.ArgumentParser) -> None:
         help="how many random inputs without --inputs (default: 256)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the random inputs (default: 0)"
+        "--seed",
+        type=seed_value,
+        default=0,
+        help="seed of the random inputs (default: 0)",
     )
 
 
@@ -174,6 +202,7 @@ def _load_plain_mlp(path: Path) -> Any:
 
     from ._serialise import load_model, read_header
 
+    _check_in_path(path, "model file")
     header = read_header(path)
     if header["kind"] != "mlp":
         raise UsageError(
@@ -196,8 +225,14 @@ def _certificate_inputs(args: argparse.Namespace, mlp: Any) -> tuple[Any, str]:
         X = rng.standard_normal((args.num_inputs, *shape)).astype(dtype)
         return X, f"{args.num_inputs} standard normal inputs (seed {args.seed})"
     wanted = "(N" + "".join(f", {d}" for d in shape) + ("," if not shape else "") + ")"
+    _check_in_path(args.inputs, "--inputs file")
     X = _load_npy(args.inputs, wanted)
-    if not isinstance(X, np.ndarray) or X.shape[1:] != shape or X.shape[0] < 1:
+    if isinstance(X, np.ndarray) and X.shape[1:] == shape and X.shape[0] == 0:
+        raise UsageError(
+            f"{args.inputs} holds no inputs (an array of shape {X.shape}); --inputs "
+            f"needs an array of shape {wanted} with N >= 1."
+        )
+    if not isinstance(X, np.ndarray) or X.shape[1:] != shape:
         found = (
             f"an array of shape {X.shape}"
             if isinstance(X, np.ndarray)
@@ -207,9 +242,26 @@ def _certificate_inputs(args: argparse.Namespace, mlp: Any) -> tuple[Any, str]:
             f"{args.inputs} holds {found}; the model takes inputs of shape {shape}, "
             f"so --inputs needs an array of shape {wanted}."
         )
-    if not np.issubdtype(X.dtype, np.number) or not np.all(np.isfinite(X)):
-        raise UsageError(f"{args.inputs} must hold finite numbers.")
+    if not np.issubdtype(X.dtype, np.number) or np.iscomplexobj(X):
+        raise UsageError(
+            f"{args.inputs} holds values of dtype {X.dtype}; --inputs needs real "
+            f"numbers."
+        )
+    if not np.all(np.isfinite(X)):
+        from ._training import _first_nonfinite
+
+        raise UsageError(
+            f"{args.inputs} holds {_first_nonfinite(X)}; --inputs needs finite numbers."
+        )
     return X.astype(dtype), f"{len(X)} inputs from {args.inputs}"
+
+
+def _check_in_path(path: Path, what: str) -> None:
+    """Refuse an input file that is missing or a folder, naming it as `what`."""
+    if path.is_dir():
+        raise UsageError(f"{what} '{path}' is a folder, not a file.")
+    if not path.exists():
+        raise UsageError(f"{what} '{path}' does not exist.")
 
 
 def _load_npy(path: Path, wanted: str) -> Any:
@@ -249,6 +301,22 @@ def _check_out_path(path: Path, option: str) -> None:
         )
 
 
+def check_out_folder(path: Path, option: str) -> None:
+    """Refuse an output folder that is a file or lies inside one, before any work.
+
+    A folder that does not exist yet is fine: the command creates it.
+    """
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if folder.is_dir():
+                return
+            inside = "" if folder == path else f" (it lies inside the file {folder})"
+            raise UsageError(
+                f"{option} {path} is not a folder{inside}; {option} names a folder "
+                f"for the output files (created if missing): give a folder path."
+            )
+
+
 def _save_refined(path: Path, refined: Any, mlp: Any, num_steps: int, options) -> None:
     from ._serialise import save_refined
 
@@ -273,7 +341,9 @@ def _example_arguments(parser: argparse.ArgumentParser) -> None:
         default="relu",
         help="activation of the MLP (default: relu)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--seed", type=seed_value, default=0, help="random seed (default: 0)"
+    )
     parser.add_argument(
         "--inputs",
         type=Path,
@@ -357,12 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="The flow model of neural networks: plain nets as transport "
         "flows, ResNets as their Euler refinements.",
-        epilog=f"Run `{PROG} COMMAND --help` for the options of a command.",
+        epilog=f"Run `{PROG} COMMAND --help` for the options of a command. "
+        + EXIT_STATUSES,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in all_commands().items():
         sub_parser = sub.add_parser(
-            name, help=command.help, description=command.help, prog=f"{PROG} {name}"
+            name,
+            help=command.help,
+            description=command.help,
+            epilog=EXIT_STATUSES,
+            prog=f"{PROG} {name}",
         )
         command.add_arguments(sub_parser)
         sub_parser.set_defaults(_run=command.run, _parser=sub_parser)
@@ -444,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args._run(args)
     except (ValueError, TypeError, OSError) as err:
         _error_line(args.command, err)
-        return EXIT_USAGE if isinstance(err, UsageError) else EXIT_ERROR
+        return EXIT_USAGE
     except KeyboardInterrupt:
         _error_line(args.command, "interrupted")
         return 130

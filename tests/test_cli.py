@@ -54,6 +54,7 @@ def test_top_level_help_lists_every_command(capsys):
     assert status == 0
     for name in ("demo", "refine", "save-example-model"):
         assert name in out
+    assert "exit status: 0 done; 2 a mistake in the command" in " ".join(out.split())
 
 
 @pytest.mark.parametrize("command", sorted(all_commands()))
@@ -61,6 +62,7 @@ def test_each_command_has_help(command, capsys):
     status, out, _ = run([command, "--help"], capsys)
     assert status == 0
     assert out.startswith(f"usage: flowjax {command}")
+    assert "exit status: 0 done; 2" in " ".join(out.split())
 
 
 def test_python_dash_m_runs_the_cli():
@@ -92,6 +94,10 @@ def test_python_dash_m_runs_the_cli():
         (["refine", "m.fjx", "--num-steps", "0", "--out", "r.fjx"], ">= 1, got 0"),
         (["refine", "m.fjx", "--num-steps", "2.5", "--out", "r.fjx"], "whole number"),
         (["nonsense"], "invalid choice: 'nonsense'"),
+        (["demo", "--seed", "-1"], "between 0 and 4294967295 (2**32 - 1), got -1"),
+        (["demo", "--seed", "1.5"], "--seed: expected a whole number, got '1.5'"),
+        (["refine", "m", "--num-steps=1", "--out=r", f"--seed={2**32}"], "got 4294"),
+        (["save-example-model", "m.fjx", "--seed", "-7"], "got -7"),
         ([], "required: COMMAND"),
     ],
 )
@@ -149,16 +155,23 @@ def test_broken_model_file_gives_one_line(how, fragment, model_file, tmp_path, c
     out = tmp_path / "refined.fjx"
     argv = ["refine", str(broken), "--num-steps", "2", "--out", str(out)]
     status, _, err = run(argv, capsys)
-    assert status == 1
+    assert status == 2
     assert_one_line_error(status, err, "flowjax refine: error:", str(broken), fragment)
     assert not out.exists()
 
 
-def test_missing_model_file_gives_one_line(tmp_path, capsys):
-    missing = tmp_path / "nowhere.fjx"
-    argv = ["refine", str(missing), "--num-steps", "2", "--out", str(tmp_path / "r")]
+@pytest.mark.parametrize(
+    "name, fragment", [("nowhere.fjx", "does not exist."), (".", "is a folder")]
+)
+def test_missing_model_file_gives_one_line(name, fragment, tmp_path, capsys):
+    path = tmp_path / name
+    argv = ["refine", str(path), "--num-steps", "2", "--out", str(tmp_path / "r")]
     status, _, err = run(argv, capsys)
-    assert_one_line_error(status, err, "No such file", "nowhere.fjx")
+    assert status == 2
+    assert "Errno" not in err
+    assert_one_line_error(
+        status, err, f"flowjax refine: error: model file '{path}' {fragment}"
+    )
 
 
 def test_broken_file_in_a_real_process_has_no_traceback(model_file, tmp_path):
@@ -180,7 +193,7 @@ def test_broken_file_in_a_real_process_has_no_traceback(model_file, tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "is truncated" in result.stderr
 
@@ -205,7 +218,41 @@ def test_inputs_of_the_wrong_shape_give_one_line(
         str(tmp_path / "r.fjx"),
     ]
     status, _, err = run(argv, capsys)
+    assert status == 2
     assert_one_line_error(status, err, fragment, "(N, 5)")
+
+
+def _nan_inputs():
+    X = np.zeros((4, 5), np.float32)
+    X[2, 3], X[3, 0] = np.nan, np.inf
+    return X
+
+
+@pytest.mark.parametrize(
+    "inputs, fragments",
+    [
+        (
+            _nan_inputs(),
+            [
+                "2 non-finite value(s) (NaN or inf), the first at row 2, column 3",
+                "needs finite numbers",
+            ],
+        ),
+        (np.zeros((0, 5), np.float32), ["no inputs", "shape (0, 5)", "N >= 1"]),
+        (None, ["--inputs file", "does not exist"]),
+    ],
+)
+def test_inputs_that_cannot_be_certified_give_one_line(
+    inputs, fragments, model_file, tmp_path, capsys
+):
+    path = tmp_path / "inputs.npy"
+    if inputs is not None:
+        np.save(path, inputs)
+    argv = ["refine", str(model_file), "--num-steps", "2", "--inputs", str(path)]
+    status, _, err = run([*argv, "--out", str(tmp_path / "r.fjx")], capsys)
+    assert status == 2
+    assert_one_line_error(status, err, str(path), *fragments)
+    assert not (tmp_path / "r.fjx").exists()
 
 
 def test_bogus_option_in_a_real_process_has_no_traceback():
@@ -219,9 +266,11 @@ def test_bogus_option_in_a_real_process_has_no_traceback():
 
 
 def test_abbreviated_and_negative_values_are_not_unknown_options(capsys):
-    # argparse accepts prefixes of options and negative numbers as values.
-    status, _, err = run(["demo", "--se", "-1", "--activation", "bogus"], capsys)
-    assert_one_line_error(status, err, "invalid choice: 'bogus'")
+    # argparse accepts prefixes of options and negative numbers as values: -1
+    # reaches the seed's check, not the unknown-option one.
+    status, _, err = run(["demo", "--se", "-1", "--activation", "relu"], capsys)
+    assert_one_line_error(status, err, "argument --seed", "got -1")
+    assert "unrecognized" not in err
 
 
 @pytest.mark.parametrize(
@@ -270,6 +319,20 @@ def test_out_that_is_a_folder_is_refused(model_file, tmp_path, capsys):
     argv = ["refine", str(model_file), "--num-steps", "2", "--out", str(tmp_path)]
     status, _, err = run(argv, capsys)
     assert_one_line_error(status, err, f"--out {tmp_path} is a folder")
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_demo_out_that_is_a_file_is_refused_first(inside, tmp_path, capsys):
+    file = tmp_path / "taken"
+    file.write_text("not a folder")
+    out = file / "sub" if inside else file
+    status, stdout, err = run(["demo", "--quick", "--out", str(out)], capsys)
+    assert status == 2
+    assert_one_line_error(
+        status, err, f"flowjax demo: error: --out {out} is not a folder"
+    )
+    assert "Errno" not in err and stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
 def test_save_example_model_checks_its_folders_first(tmp_path, capsys):

@@ -82,6 +82,21 @@ def test_flowjax_experiment_command(capsys):
     assert len(err) == 1 and "no experiment named" in err[0]
 
 
+def test_out_that_is_a_file_and_a_negative_seed_are_refused_first(capsys, tmp_path):
+    file = tmp_path / "taken"
+    file.write_text("not a folder")
+    argv = ["two_layer_blocks", "--scale", "tiny", "--out", str(file)]
+    assert cli_main(["experiment", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {file} is not a folder" in err[0], err
+    for bad in (argv, ["two_layer_blocks", "--seed", "-1"]):
+        with pytest.raises(SystemExit) as exit_:
+            experiments.main(bad)
+        assert exit_.value.code == 2
+    assert "--seed: a seed must be between 0 and" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
 def test_flowjax_experiment_without_a_clone(capsys, monkeypatch):
     from flowjax import _experiment_cli
 
