@@ -39,6 +39,10 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = EXPERIMENTS_DIR / "results"
 JSON_NAME = "results.json"
 FIGURE_NAME = "figure.png"
+SMOKE_NOTE = (
+    "tiny scale: a smoke run, the verdict is not meaningful; see "
+    "experiments/README.md for the small-scale result"
+)
 
 
 # What an experiment returns
@@ -348,7 +352,7 @@ def execute(module: ModuleType, scale: str, seed: int, out: Path | None) -> dict
             "rows": outcome.rows,
             "summary": outcome.summary,
             "series": outcome.series,
-            "verdict": outcome.verdict._asdict(),
+            "verdict": verdict_record(outcome.verdict, scale),
             "wall_time_s": round(wall, 2),
             "environment": _environment(),
             "files": {"json": JSON_NAME, "figure": FIGURE_NAME},
@@ -358,6 +362,16 @@ def execute(module: ModuleType, scale: str, seed: int, out: Path | None) -> dict
         folder.mkdir(parents=True, exist_ok=True)
         (folder / JSON_NAME).write_text(json.dumps(record, indent=1) + "\n")
         module.plot(record, folder / FIGURE_NAME)
+    return record
+
+
+def verdict_record(verdict: Verdict, scale: str) -> dict[str, Any]:
+    """The verdict as `results.json` holds it. At scale tiny it is marked a smoke
+    run (`smoke_run: true` and `note`, `SMOKE_NOTE`); the computed `supports`,
+    `criterion` and `sentence` are kept."""
+    record: dict[str, Any] = verdict._asdict()
+    if scale == "tiny":
+        record.update(smoke_run=True, note=SMOKE_NOTE)
     return record
 
 
@@ -390,13 +404,19 @@ def report(record: Mapping[str, Any], out: Path | None) -> str:
     """What the command line prints after a run."""
     verdict = record["verdict"]
     supports = {True: "supported", False: "NOT supported", None: "inconclusive"}
+    computed = f"{supports[verdict['supports']]}: {verdict['sentence']}"
+    if verdict.get("smoke_run"):
+        computed = (
+            f"none ({verdict['note']})\n"
+            f"computed at this scale, to check the code only: {computed}"
+        )
     where = "" if out is None else f"\nwrote {out / JSON_NAME} and {out / FIGURE_NAME}"
     return (
         f"{record['experiment']} ({record['scale']}, seed {record['seed']}, "
         f"{record['wall_time_s']:.1f} s on {record['environment']['backend']})\n"
         f"claim: {record['claim']}\n"
         f"{format_table(record['columns'], record['rows'])}\n"
-        f"verdict: {supports[verdict['supports']]}: {verdict['sentence']}\n"
+        f"verdict: {computed}\n"
         f"criterion: {verdict['criterion']}{where}"
     )
 

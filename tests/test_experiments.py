@@ -107,6 +107,45 @@ def test_flowjax_experiment_without_a_clone(capsys, monkeypatch):
     assert "experiments/ folder of a clone" in err[0]
 
 
+def _one_row_experiment():
+    """A stand-in experiment module: one row, a verdict of `False`, no figure."""
+    import types
+
+    @dataclasses.dataclass
+    class Config:
+        size: int = 1
+
+    def run(config, seed):
+        verdict = common.Verdict(False, "x > 1", "x = 0.5 was measured")
+        return common.Outcome(("x",), [{"x": 0.5}], {}, verdict)
+
+    return types.SimpleNamespace(
+        NAME="stand_in",
+        DESCRIPTION="a stand-in",
+        CLAIM="x > 1",
+        CONFIGS={"tiny": Config(), "small": Config(2)},
+        run=run,
+        plot=lambda record, path: None,
+    )
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small"])
+def test_tiny_verdict_is_marked_a_smoke_run(scale, tmp_path):
+    record = common.execute(_one_row_experiment(), scale, 0, tmp_path)
+    verdict = json.loads((tmp_path / common.JSON_NAME).read_text())["verdict"]
+    assert verdict == record["verdict"]
+    assert verdict["supports"] is False and verdict["criterion"] == "x > 1"
+    text = common.report(record, tmp_path)
+    if scale == "tiny":
+        assert verdict["smoke_run"] is True and verdict["note"] == common.SMOKE_NOTE
+        assert "verdict: none (tiny scale: a smoke run, the verdict is not " in text
+        assert "to check the code only: NOT supported: x = 0.5" in text
+        assert "\nverdict: NOT supported" not in text
+    else:
+        assert "smoke_run" not in verdict and "note" not in verdict
+        assert "\nverdict: NOT supported: x = 0.5 was measured\n" in text
+
+
 # What every experiment writes
 
 
@@ -123,6 +162,7 @@ def check_files(name: str, record: dict, out: Path) -> None:
         assert set(row) == set(record["columns"])
     assert record["verdict"]["supports"] in (True, False, None)
     assert record["verdict"]["sentence"] and record["verdict"]["criterion"]
+    assert record["verdict"]["smoke_run"] is True
     assert record["wall_time_s"] > 0
     width, height = png_size(out / common.FIGURE_NAME)
     assert width >= 600 and height >= 300
