@@ -45,9 +45,11 @@ DTYPE = jnp.float32
 ACTIVATIONS: dict[str, Callable[[Any], Any]] = {"relu": jax.nn.relu, "tanh": jnp.tanh}
 LINEAR_OPTIONS = ("whole", "flow")
 TABLE_COLUMNS = (
+    "model",
     "linear",
     "num_steps",
     "depth",
+    "depth_unit",
     "parameters",
     "test_accuracy",
     "agreement",
@@ -63,6 +65,12 @@ FILES = {
     "inputs": "digits_test_inputs.npy",
 }
 VARIANT_NUM_STEPS = 8
+# What `depth` counts: the plain net's layers, the refined ResNets' residual blocks.
+PLAIN_DEPTH_UNIT, REFINED_DEPTH_UNIT = "layers", "residual blocks"
+MOONS_DESCRIPTION = (
+    "a net trained on two moons (widths), its accuracy, and flow_dimension: the "
+    "ambient dimension n of its flow (the states move in R^n)"
+)
 # Tolerances of the adaptive solves. On the demo's float32 net, rtol 1e-5 leaves logit
 # errors near 1e-2 and rtol 1e-6 near 4e-4, for 1.8 times the steps.
 FLOW_RTOL, FLOW_ATOL = 1e-6, 1e-8
@@ -323,6 +331,7 @@ def refine_row(
         "linear": linear,
         "num_steps": num_steps,
         "depth": int(resnet.depth),
+        "depth_unit": REFINED_DEPTH_UNIT,
         "parameters": parameter_count(resnet),
         "test_accuracy": accuracy(logits, split.y_test),
         "agreement": float(np.mean(np.argmax(logits, axis=-1) == plain_labels)),
@@ -334,28 +343,53 @@ def refine_row(
 # 5. Files
 
 
+def table_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the table, the plain net first, each with the keys
+    `TABLE_COLUMNS`; `None` where a column does not apply to the plain net
+    (`linear`, `num_steps`, and the comparisons with itself)."""
+    plain = {k: None for k in TABLE_COLUMNS} | {
+        k: record["plain"][k]
+        for k in ("depth", "depth_unit", "parameters", "test_accuracy", "forward_ms")
+    }
+    rows = [plain | {"model": "plain MLP"}]
+    for row in record["refine"]:
+        rows.append(
+            {k: row.get(k) for k in TABLE_COLUMNS}
+            | {"model": f"refine {row['linear']}"}
+        )
+    return rows
+
+
 def write_table(out: Path, record: dict[str, Any]) -> None:
-    """The demo's record as JSON and its refinement rows as CSV."""
+    """The demo's record as JSON and its table (`table_rows`) as CSV, with an
+    empty cell where the plain net has no value."""
     (out / FILES["json"]).write_text(json.dumps(record, indent=2) + "\n")
     with open(out / FILES["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
         writer.writeheader()
-        for row in record["refine"]:
+        for row in table_rows(record):
             writer.writerow({k: _csv_value(row[k]) for k in TABLE_COLUMNS})
 
 
 def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
     return repr(value) if isinstance(value, float) else value
 
 
 def read_csv_table(path: Path) -> list[dict[str, Any]]:
-    """The CSV rows with numbers parsed back (for checks and for users)."""
-    kinds = {"linear": str, "num_steps": int, "depth": int, "parameters": int}
+    """The CSV rows with numbers parsed back and empty cells as `None` (for checks
+    and for users)."""
+    kinds = {"num_steps": int, "depth": int, "parameters": int}
+    text = {"model", "linear", "depth_unit"}
+
+    def parse(key: str, value: str) -> Any:
+        if value == "":
+            return None
+        return value if key in text else kinds.get(key, float)(value)
+
     with open(path, newline="") as f:
-        return [
-            {k: kinds.get(k, float)(v) for k, v in row.items()}
-            for row in csv.DictReader(f)
-        ]
+        return [{k: parse(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def plot_convergence(
@@ -473,10 +507,22 @@ def moons_flow(activation: str, seed: int, settings: Settings) -> MoonsFlow:
     )
 
 
-def plot_moons(flow: MoonsFlow, path: Path, activation: str, dpi: int = 90) -> None:
+def moons_record(flow: MoonsFlow) -> dict[str, Any]:
+    """What `table.json` keeps of the two-moons net, with a `description`."""
+    return {
+        "description": MOONS_DESCRIPTION,
+        "widths": flow.widths,
+        "flow_dimension": flow.n,
+        "accuracy": flow.accuracy,
+    }
+
+
+def plot_moons(flow: MoonsFlow, path: Path, activation: str, dpi: int = 90) -> Any:
     """One panel per stage and layer: each point's path through that stage in the
-    plane of the first two coordinates, with its start and end marked."""
+    plane of the first two coordinates, with its start and end marked. At most 5
+    ticks an axis, so that the labels stay apart. Returns the figure."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     L, pps = flow.num_layers, flow.points_per_stage
     fig = Figure(figsize=(15, 3.3 * L + 0.6), layout="constrained")
@@ -503,6 +549,8 @@ def plot_moons(flow: MoonsFlow, path: Path, activation: str, dpi: int = 90) -> N
             ax.set_xlabel("$y_1$")
             ax.set_ylabel("$y_2$")
             ax.tick_params(labelsize=7)
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.yaxis.set_major_locator(MaxNLocator(5))
     _decision_line(axes[L - 1, 4])
     _moons_legend(fig, axes[0, 0])
     fig.suptitle(
@@ -512,6 +560,7 @@ def plot_moons(flow: MoonsFlow, path: Path, activation: str, dpi: int = 90) -> N
         fontsize=11,
     )
     fig.savefig(path, dpi=dpi)
+    return fig
 
 
 def _decision_line(ax) -> None:
@@ -601,7 +650,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "rounding_level": rounding,
         "refine": rows,
         "variant": variant,
-        "moons": {"widths": moons.widths, "n": moons.n, "accuracy": moons.accuracy},
+        "moons": moons_record(moons),
         "phase_seconds": seconds,
         "seconds": time.perf_counter() - start,
     }
@@ -640,6 +689,7 @@ def _train_digits(config: DemoConfig, settings: Settings, split: Split, key):
             np.asarray(forward(jnp.asarray(split.X_train))), split.y_train
         ),
         "depth": len(mlp.layers),
+        "depth_unit": PLAIN_DEPTH_UNIT,
         "parameters": parameter_count(mlp),
         "forward_ms": 1e3 * seconds,
         "train_seconds": train_seconds,
@@ -717,25 +767,29 @@ def _widths(mlp: eqx.nn.MLP) -> list[Any]:
 
 
 def format_table(record: dict[str, Any]) -> str:
-    """The refinement table as fixed-width text, with the plain net first."""
-    plain = record["plain"]
+    """The table (`table_rows`) as fixed-width text, the plain net first; `depth`
+    says what it counts: the plain net's layers, the ResNets' residual blocks."""
     head = (
-        f"{'model':<14}{'steps':>6}{'depth':>7}{'params':>9}{'test acc':>10}"
+        f"{'model':<14}{'steps':>6}  {'depth':<11}{'params':>9}{'test acc':>10}"
         f"{'agree':>8}{'max|dlogit|':>13}{'ms/batch':>10}"
     )
     lines = [head, "-" * len(head)]
-    lines.append(
-        f"{'plain MLP':<14}{'':>6}{plain['depth']:>7}{plain['parameters']:>9}"
-        f"{100 * plain['test_accuracy']:>9.1f}%{'':>8}{'':>13}"
-        f"{plain['forward_ms']:>10.3f}"
-    )
-    for row in record["refine"]:
+    for row in table_rows(record):
+        unit = "layer" if row["depth_unit"] == PLAIN_DEPTH_UNIT else "block"
+        depth = f"{row['depth']} {unit}" + ("s" if row["depth"] != 1 else "")
+        steps = "" if row["num_steps"] is None else row["num_steps"]
+        agree = "" if row["agreement"] is None else f"{100 * row['agreement']:.1f}%"
+        diff = row["max_abs_logit_diff"]
+        diff = "" if diff is None else f"{diff:.2e}"
         lines.append(
-            f"{'refine ' + row['linear']:<14}{row['num_steps']:>6}{row['depth']:>7}"
-            f"{row['parameters']:>9}{100 * row['test_accuracy']:>9.1f}%"
-            f"{100 * row['agreement']:>7.1f}%{row['max_abs_logit_diff']:>13.2e}"
+            f"{row['model']:<14}{steps:>6}  {depth:<11}{row['parameters']:>9}"
+            f"{100 * row['test_accuracy']:>9.1f}%{agree:>8}{diff:>13}"
             f"{row['forward_ms']:>10.3f}"
         )
+    lines.append(
+        "(depth: the plain net's layers, the refined ResNets' residual blocks; "
+        "steps: num_steps)"
+    )
     return "\n".join(lines)
 
 
@@ -767,15 +821,15 @@ def format_summary(record: dict[str, Any], out: Path) -> str:
         ),
         (
             "",
-            f"labels agree {_pct(flow['agreement'])}, "
-            f"{flow['steps_mean']:.0f} solver steps per input "
-            f"(max {flow['steps_max']})",
+            f"labels agree {_pct(flow['agreement'])}; solver steps per input: "
+            f"mean {flow['steps_mean']:.0f}, largest {flow['steps_max']}",
         ),
         *[_refine_summary(record, linear) for linear in LINEAR_OPTIONS],
         (
             "two moons",
             f"{'-'.join(map(str, moons['widths']))} {config['activation']} net, "
-            f"accuracy {_pct(moons['accuracy'])}, a flow in R^{moons['n']}",
+            f"accuracy {_pct(moons['accuracy'])}, a flow in "
+            f"R^{moons['flow_dimension']}",
         ),
     ]
     model = FILES["model"]
