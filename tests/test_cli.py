@@ -438,3 +438,24 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
     np.testing.assert_array_equal(
         loaded.layers[0].weight, small_mlp(seed=2).layers[0].weight
     )
+
+
+def test_readme_command_line_section_lists_every_option():
+    from pathlib import Path
+
+    from flowjax._cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    subparsers = next(
+        a
+        for a in build_parser()._actions
+        if a.__class__.__name__ == "_SubParsersAction"
+    )
+    for name, parser in subparsers.choices.items():
+        assert f"flowjax {name}" in section, name
+        for action in parser._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    assert option in section, f"flowjax {name} {option}"
+    assert "Exit status: 0" in section and "2 for a mistake" in section
