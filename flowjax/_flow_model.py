@@ -117,7 +117,7 @@ class FlowModel(eqx.Module):
                 "For one input use `model.solve(x)`."
             )
         Y = jax.vmap(self.embed)(xs)
-        Y, steps = self._flow_map(Y, jnp.asarray(t, Y.dtype), batched=True)
+        Y, steps = _compiled_flow_map(self, Y, _time_or_error(t, self.T, Y.dtype), True)
         return jax.vmap(self.readout)(Y), steps
 
     def flow_map(
@@ -125,8 +125,8 @@ class FlowModel(eqx.Module):
     ) -> tuple[Float[Array, " n"], Int[Array, ""]]:
         """`Phi_{t -> T}(y)` for a state `y` in `R^n`, and the solver steps taken."""
         y = _finite_or_error(y, "the state y")
-        t = jnp.asarray(_check_time(t, self.T), y.dtype)
-        return self._flow_map(y, t, batched=False)
+        t = _time_or_error(_check_time(t, self.T), self.T, y.dtype)
+        return _compiled_flow_map(self, y, t, False)
 
     def _flow_map(
         self, y: Array, t: Array, batched: bool
@@ -270,16 +270,40 @@ def flow_model(
 
 
 def _check_time(t: ArrayLike, T: float) -> ArrayLike:
+    if jnp.ndim(t) != 0:
+        raise ValueError(
+            f"t must be one network time (a scalar in [0, {T}]), got an array of shape "
+            f"{jnp.shape(t)}; vmap over times to solve at several."
+        )
     try:
         value = float(t)  # pyright: ignore[reportArgumentType]
     except (TypeError, jax.errors.ConcretizationTypeError):
-        return t  # a traced time is clamped to [0, T] by the stage arithmetic
+        return t  # a traced time is checked by `_time_or_error`
     if not 0.0 <= value <= T:
         raise ValueError(
             f"time t={value} lies outside the model's interval [0, {T}] "
             f"(one unit of time per layer)."
         )
     return t
+
+
+def _time_or_error(t: ArrayLike, T: float, dtype: Any) -> Array:
+    """`t` as an array of `dtype`, with an `eqx.error_if` check (for a traced `t`,
+    which `_check_time` cannot see) that it is finite and in `[0, T]`."""
+    t = jnp.asarray(t, dtype)
+    return eqx.error_if(
+        t,
+        ~(jnp.isfinite(t) & (t >= 0) & (t <= T)),
+        f"FlowModel: the time t must be finite and lie in [0, {T}] (one unit of time "
+        "per layer).",
+    )
+
+
+# One compiled program per model structure, shape and `batched`: called eagerly, the
+# stage solves would otherwise be traced and compiled anew on every call.
+_compiled_flow_map = eqx.filter_jit(
+    lambda model, y, t, batched: model._flow_map(y, t, batched)
+)
 
 
 def _finite_or_error(x: Array, what: str) -> Array:

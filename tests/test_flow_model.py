@@ -239,6 +239,28 @@ def test_solve_batch_matches_per_sample_solves_and_the_net(rng):
     assert np.all((0 < steps) & (steps < jnp.sum(each, axis=1)))
 
 
+def test_eager_calls_reuse_one_program_and_check_traced_times():
+    """Called without jit, later calls of solve and solve_batch do not compile
+    again; a traced time that is NaN or outside [0, T] is an error, not clamped;
+    a time that is not a scalar is named."""
+    mlp = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+    model = flowjax.flow_model(mlp)
+    xs = jnp.ones((2, 3))
+    model.solve_batch(xs)
+    model.solve(xs[0])
+    compiled = flowjax._flow_model._compiled_flow_map._cached._cache_size()
+    model.solve_batch(xs)
+    model.solve(xs[0])
+    assert flowjax._flow_model._compiled_flow_map._cached._cache_size() == compiled
+
+    solve = eqx.filter_jit(lambda m, x, t: m.solve_batch(x, t))
+    for bad in (jnp.nan, -0.5, 2.5, jnp.inf):
+        with pytest.raises(Exception, match=r"t must be finite and lie in \[0, 2.0\]"):
+            solve(model, xs, jnp.asarray(bad))
+    with pytest.raises(ValueError, match=r"one network time.*shape \(2,\)"):
+        model.solve_batch(xs, jnp.asarray([0.0, 1.0]))
+
+
 def test_solve_batch_refuses_bad_batches():
     mlp = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
     model = flowjax.flow_model(mlp)
