@@ -603,6 +603,7 @@ def _program_key(obj: Any, seen: tuple[int, ...] = ()) -> Hashable:
             types.FunctionType,
             obj.__code__,
             id(obj.__globals__),  # a module's namespace, alive as long as it
+            _globals_key(obj, key),
             key(obj.__defaults__),
             key(obj.__kwdefaults__),
             cells,
@@ -622,6 +623,31 @@ def _program_key(obj: Any, seen: tuple[int, ...] = ()) -> Hashable:
             tuple(key(getattr(obj, f.name)) for f in dataclasses.fields(obj)),
         )
     raise _Uncacheable(type(obj).__name__)
+
+
+def _globals_key(function: types.FunctionType, key: Callable) -> Hashable:
+    """The current values of the globals that `function`'s code (and the code of
+    functions defined inside it) reads: a module constant or a helper redefined
+    between two `fit` calls changes the key; module-level containers count by
+    identity."""
+    names: set[str] = set()
+    codes = [function.__code__]
+    while codes:
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    namespace = function.__globals__
+
+    def value_key(value: Any) -> Hashable:
+        # A module-level list, dict or set is typically a registry or a log that
+        # the code appends to while tracing: keyed by identity, not contents.
+        if isinstance(value, list | dict | set):
+            return ("container", id(value))
+        return key(value)
+
+    return tuple(
+        (name, value_key(namespace[name])) for name in sorted(names & namespace.keys())
+    )
 
 
 def _array_key(array: Any) -> Hashable:

@@ -599,6 +599,13 @@ def test_another_program_is_never_served_from_the_cache(change):
     assert _leaves_equal(result.model, fresh.model)
 
 
+_GLOBAL_RATE = 0.1
+
+
+def _scaled_by_global_rate(g):
+    return -_GLOBAL_RATE * g
+
+
 def test_program_keys():
     key = _training._program_key
     assert key(optax.adam(1e-2)) == key(optax.adam(1e-2))
@@ -609,6 +616,17 @@ def test_program_keys():
     before = key(scaled)
     state[0] = 2.0  # a closure over a list: keyed by the list's contents
     assert key(scaled) != before
+    global _GLOBAL_RATE
+    read_global = optax.GradientTransformation(
+        lambda p: optax.EmptyState(),
+        lambda g, s, p=None: (jax.tree.map(_scaled_by_global_rate, g), s),
+    )
+    before = key(read_global)
+    _GLOBAL_RATE = 1.0  # a module constant the update reads through a helper
+    try:
+        assert key(read_global) != before
+    finally:
+        _GLOBAL_RATE = 0.1
     with pytest.raises(_training._Uncacheable):
         key(optax.scale(jnp.ones(10_000)))  # too large an array to key by value
     with pytest.raises(_training._Uncacheable):
