@@ -183,11 +183,15 @@ class LeakyReluBlock(AbstractBlock):
         in turn (one operation per entry and block instead of three) and returns
         `p + m`. Each block rounds once either way, so the result equals `K` calls
         of the block to rounding; for ReLU the last factor is exactly 0 and the
-        stack returns `relu(y)` bit for bit.
+        stack returns `relu(y)` bit for bit, with ReLU's derivative, for every `y`
+        but `-inf` (which gives NaN, as `K` calls of the block do).
         """
         c = (1 - self.alpha * (1 - self.negative_slope)).astype(y.dtype)
-        m = jnp.minimum(y, 0)
-        p = y - m
+        # Split with `where`, not `y - min(y, 0)`: its derivative at 0 is ReLU's
+        # (0 for `p`), where `min` would share a tie's gradient between the parts.
+        positive = y > 0
+        p = jnp.where(positive, y, 0)
+        m = jnp.where(positive, 0, y)
 
         def body(m, c_k):
             return c_k * m, None

@@ -213,6 +213,21 @@ def test_leaky_relu_stack_equals_its_blocks_one_by_one(a, scaling, K):
             np.testing.assert_array_equal(by_blocks, jax.nn.relu(y32))
 
 
+def test_relu_stack_has_relus_derivative_at_zero():
+    """At a pre-activation of exactly 0 (e.g. zero bias, zero input) the refined
+    net's derivative is ReLU's (0), for stages with and without a loop."""
+    mlp = eqx.nn.MLP("scalar", "scalar", 1, 1, key=jax.random.key(0))
+    mlp = eqx.tree_at(
+        lambda m: (m.layers[0].weight, m.layers[0].bias, m.layers[1].weight),
+        mlp,
+        (jnp.ones((1, 1)), jnp.zeros(1), jnp.ones((1, 1))),
+    )
+    for K in (1, 33):
+        refined = refine(mlp, K)
+        for x in (0.0, -0.0):
+            assert float(jax.grad(refined)(x)) == float(jax.grad(mlp)(x)) == 0.0
+
+
 def test_float32_in_float32_out(rng):
     mlp = _mlp(rng, 4, 3, 8, 2, np.float32, activation=jnp.tanh)
     for linear in ("whole", "flow"):
